@@ -9,7 +9,7 @@ export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: demo test venv lint clean-venv
 
-$(VENV)/.installed: requirements/cpu.txt setup.cfg pyproject.toml
+$(VENV)/.installed: requirements/cpu.txt setup.cfg setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# pip 26.3+ refuses merlin-dataloader 23.08 (git URL in its dev extra).
 	$(PY) -m pip install -q 'pip<26.3' setuptools wheel
