@@ -9,6 +9,7 @@ Typical use::
 
 from torchrec_mamba.data.batch import SequenceBatch, jagged_to_padded
 from torchrec_mamba.data.loader import SequenceLoader
+from torchrec_mamba.data.parquet import ParquetSequenceLoader, read_vocab_sizes
 from torchrec_mamba.data.readers import (
     READERS,
     SequenceData,
@@ -21,6 +22,7 @@ from torchrec_mamba.data.split import SplitData, SplitPart, leave_one_out, windo
 
 __all__ = [
     "READERS",
+    "ParquetSequenceLoader",
     "SequenceBatch",
     "SequenceData",
     "SequenceLoader",
@@ -32,5 +34,6 @@ __all__ = [
     "read_csv",
     "read_movielens",
     "read_sasrec",
+    "read_vocab_sizes",
     "windows_from_sequences",
 ]

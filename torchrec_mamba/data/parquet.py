@@ -1,0 +1,334 @@
+"""`ParquetSequenceLoader`: the RetailRocket ETL's parquet shards as rank-balanced `SequenceBatch` es.
+
+Reads the list columns written by ``torchrec_mamba_preprocessing.retailrocket`` (``item_list``,
+``category_list``, ``top_category_list``, ``event_list``; one row per session or visitor, oldest
+event first) and serves every row ``s`` as input ``s[:-1]`` with labels ``s[1:]``:
+
+* ``mode="train"``: all-position next-event labels; shuffled every epoch by default;
+* ``mode="eval"``: the same tensors, so the last label of each row is its target ``s[-1]`` (the
+  other labels are the true next events of the history); kept in file order by default.
+
+Shape letters: B batch, L length, T total ids in a jagged tensor.
+
+Rank balance, the same on every rank without communication:
+
+* when the number of files is a multiple of ``world_size`` (the ETL guarantees it), rank ``r``
+  reads files ``r, r + W, ...``; otherwise every rank reads all files and takes rows
+  ``r, r + W, ...``;
+* every rank learns all ranks' row counts from the parquet footers and serves
+  ``max(rows per rank)`` rows, repeating its first rows to get there; repeated rows have
+  ``batch.mask == False`` (evaluation must drop them). So every rank yields the same number of
+  batches and no rank ever waits for a batch another rank lacks.
+
+Truncation and padding happen here, not in the ETL (NVTabular's CPU ``ListSlice(pad=True)`` fails
+silently on rows read back from parquet): rows keep their last ``max_len + 1`` events, so inputs
+have at most ``max_len`` ids; batches are jagged and :meth:`SequenceBatch.padded` pads with 0.
+
+:func:`read_vocab_sizes` gives the embedding-table sizes (ids 0 padding, 1 null, 2 OOV included)
+from the Merlin schema written next to the shards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_mamba.data.batch import SequenceBatch
+
+__all__ = ["ParquetSequenceLoader", "read_vocab_sizes", "shard_files"]
+
+logger = logging.getLogger(__name__)
+
+_KEYS = ("item", "category", "top_category", "event")
+
+
+def shard_files(path_or_files: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The parquet shards of a split folder (``part_{i}.parquet`` in numeric order) or a file list.
+
+    Args:
+        path_or_files (str | Path | Sequence[str | Path]): a split folder, one file, or files.
+
+    Returns:
+        list[Path]: the files, in order.
+    """
+    if isinstance(path_or_files, (str, Path)):
+        p = Path(path_or_files)
+        if p.is_dir():
+            files = sorted(p.glob("part_*.parquet"), key=lambda f: int(f.stem.rsplit("_", 1)[1]))
+            if not files:
+                files = sorted(p.glob("*.parquet"))
+            if not files:
+                raise FileNotFoundError(f"no parquet shards in {p}")
+            return files
+        paths = [p]
+    else:
+        paths = [Path(f) for f in path_or_files]
+    if not paths:
+        raise ValueError("no parquet files given")
+    missing = [str(f) for f in paths if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"parquet shard(s) not found: {missing}")
+    return paths
+
+
+def read_vocab_sizes(path: str | Path) -> dict[str, int]:
+    """Embedding rows per categorical column (largest id + 1, so 0/1/2 are included).
+
+    Args:
+        path (str | Path): a split folder (with ``.merlin/schema.json``), or the ETL output folder
+            (its ``train`` split is read), or a ``schema.json`` file.
+
+    Returns:
+        dict[str, int]: e.g. ``{"item": 9230, "category": 276, "top_category": 8, "event": 6}``.
+    """
+    p = Path(path)
+    candidates = (
+        [p]
+        if p.is_file()
+        else [p / ".merlin" / "schema.json", p / "train" / ".merlin" / "schema.json"]
+    )
+    for c in candidates:
+        if c.is_file():
+            schema = json.loads(c.read_text())
+            sizes = {}
+            for feat in schema.get("feature", []):
+                dom = feat.get("intDomain") or {}
+                if dom.get("isCategorical") and "max" in dom:
+                    name = feat["name"].removesuffix("_list")
+                    sizes[name] = int(dom["max"]) + 1
+            if not sizes:
+                raise ValueError(f"{c}: no categorical int domains in the schema")
+            return sizes
+    raise FileNotFoundError(f"no Merlin schema (.merlin/schema.json) under {p}")
+
+
+def _num_rows(f: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return int(pq.ParquetFile(f).metadata.num_rows)
+
+
+class ParquetSequenceLoader:
+    """Iterate ETL parquet shards as :class:`SequenceBatch` es, the same number on every rank.
+
+    Args:
+        path_or_files (str | Path | Sequence[str | Path]): a split folder or its shard files.
+        batch_size (int): rows per batch on this rank.
+        keys (Sequence[str]): features to serve, ``"item"`` first; any of ``item``,
+            ``category``, ``top_category``, ``event``. Default: ``("item", "category")``.
+        max_len (int | None): longest input; rows keep their last ``max_len + 1`` events.
+            ``None`` keeps whole rows. Default: None.
+        rank (int): this process's rank. Default: 0.
+        world_size (int): number of ranks. Default: 1.
+        shuffle (bool | None): shuffle rows every epoch; ``None`` means ``mode == "train"``.
+            Default: None.
+        seed (int): shuffle seed, the same on every rank. Default: 0.
+        mode (str): ``"train"`` or ``"eval"`` (see the module docstring). Default: ``"train"``.
+
+    Example::
+
+        >>> import tempfile, pandas as pd
+        >>> d = tempfile.mkdtemp()
+        >>> pd.DataFrame({"item_list": [[3, 4, 5], [6, 3]], "category_list": [[3, 3, 4], [4, 3]],
+        ...               "visitorid": [10, 11]}).to_parquet(f"{d}/part_0.parquet")
+        >>> loader = ParquetSequenceLoader(d, batch_size=2, mode="eval")
+        >>> batch = next(iter(loader))
+        >>> batch.padded()[0].tolist(), batch.targets().tolist(), batch.targets("category").tolist()
+        ([[3, 4], [6, 0]], [5, 3], [4, 3])
+        >>> len(loader), loader.num_rows
+        (1, 2)
+
+    Returns:
+        Iterator[SequenceBatch]: ``len(loader)`` batches per epoch; values int64, lengths int32.
+    """
+
+    def __init__(
+        self,
+        path_or_files: str | Path | Sequence[str | Path],
+        batch_size: int,
+        keys: Sequence[str] = ("item", "category"),
+        max_len: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool | None = None,
+        seed: int = 0,
+        mode: str = "train",
+    ) -> None:
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+        if not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+        if max_len is not None and max_len < 1:
+            raise ValueError(f"max_len must be >= 1 or None, got {max_len}")
+        keys = tuple(keys)
+        if not keys or keys[0] != "item" or len(set(keys)) != len(keys):
+            raise ValueError(f"keys must start with 'item' and not repeat, got {keys}")
+        unknown = [k for k in keys if k not in _KEYS]
+        if unknown:
+            raise ValueError(f"unknown keys {unknown}; choose from {list(_KEYS)}")
+        self.files = shard_files(path_or_files)
+        self.batch_size = batch_size
+        self.keys = keys
+        self.max_len = max_len
+        self.rank = rank
+        self.world_size = world_size
+        self.mode = mode
+        self.shuffle = (mode == "train") if shuffle is None else bool(shuffle)
+        self.seed = seed
+        self._epoch = 0
+
+        counts = [_num_rows(f) for f in self.files]
+        if len(self.files) % world_size == 0:
+            mine = self.files[rank::world_size]
+            per_rank = [sum(counts[r::world_size]) for r in range(world_size)]
+            self._stride = 1
+        else:
+            logger.info(
+                "%d files are not a multiple of world_size=%d: every rank reads all files and "
+                "takes every %d-th row",
+                len(self.files),
+                world_size,
+                world_size,
+            )
+            mine = self.files
+            total = sum(counts)
+            per_rank = [len(range(r, total, world_size)) for r in range(world_size)]
+            self._stride = world_size
+        self.rank_rows = per_rank
+        self._rows_per_rank = max(per_rank)
+        self._load(mine)
+
+    # --- data -----------------------------------------------------------------------------------
+    def _load(self, files: list[Path]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        cols = [f"{k}_list" for k in self.keys]
+        schema_names = pq.read_schema(files[0]).names
+        missing = [c for c in cols if c not in schema_names]
+        if missing:
+            raise ValueError(f"{files[0]}: missing column(s) {missing}; it has {schema_names}")
+        user_col = next((c for c in ("visitorid", "session_id") if c in schema_names), None)
+        table = pq.read_table(files, columns=cols + ([user_col] if user_col else []))
+        if self._stride > 1:
+            table = table.take(pa.array(np.arange(self.rank, table.num_rows, self._stride)))
+        self._values: dict[str, np.ndarray] = {}
+        offsets = np.zeros(1, dtype=np.int64)
+        for i, (k, c) in enumerate(zip(self.keys, cols, strict=True)):
+            arr = table.column(c).combine_chunks()
+            off = arr.offsets.to_numpy().astype(np.int64)
+            off = off - off[0]
+            if i == 0:
+                offsets = off
+            elif not np.array_equal(off, offsets):
+                raise ValueError(f"{c} has different row lengths than item_list in {files}")
+            self._values[k] = arr.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+        lengths = np.diff(offsets)
+        if len(lengths) and lengths.min() < 2:
+            bad = int(np.flatnonzero(lengths < 2)[0])
+            raise ValueError(
+                f"row {bad} of {files} has {int(lengths[bad])} event(s); every row needs at least "
+                f"2 (input and target)"
+            )
+        for k, v in self._values.items():
+            if len(v) and v.min() < 1:
+                raise ValueError(f"{k}_list holds id {int(v.min())} < 1 (0 is padding) in {files}")
+        self._offsets = offsets
+        self._user = (
+            table.column(user_col).to_numpy().astype(np.int64)
+            if user_col
+            else np.arange(len(lengths), dtype=np.int64)
+        )
+
+    @property
+    def vocab_sizes(self) -> dict[str, int]:
+        """Embedding rows per categorical column, from the Merlin schema beside the shards."""
+        return read_vocab_sizes(self.files[0].parent)
+
+    @property
+    def num_rows(self) -> int:
+        """Rows held by this rank (before repeats for balance)."""
+        return len(self._offsets) - 1
+
+    def __len__(self) -> int:
+        """Batches per epoch, the same on every rank."""
+        return -(-self._rows_per_rank // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (it seeds the shuffle)."""
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        self._epoch = epoch
+
+    def epoch_rows(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row order of this rank for ``epoch`` and whether each entry is real (not a repeat).
+
+        Returns:
+            tuple[np.ndarray, np.ndarray]: ``(max rows per rank,)`` row indices and bool mask.
+        """
+        n = self.num_rows
+        total = self._rows_per_rank
+        if n == 0:
+            if total == 0:
+                return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
+            raise ValueError(
+                f"rank {self.rank} has no rows but other ranks have {total}; write at least "
+                f"world_size non-empty shards ({self.files})"
+            )
+        order = (
+            np.random.default_rng((self.seed, epoch, self.rank)).permutation(n)
+            if self.shuffle
+            else np.arange(n)
+        )
+        real = np.arange(total) < n
+        return np.resize(order, total), real
+
+    def __iter__(self) -> Iterator[SequenceBatch]:
+        rows, real = self.epoch_rows(self._epoch)
+        bs = self.batch_size
+        for i in range(len(self)):
+            sel, ok = rows[i * bs : (i + 1) * bs], real[i * bs : (i + 1) * bs]
+            yield self.make_batch(sel, None if ok.all() else ok)
+        self._epoch += 1
+
+    def make_batch(self, rows: np.ndarray, real: np.ndarray | None = None) -> SequenceBatch:
+        """Batch of the given rows: input ``s[:-1]``, labels ``s[1:]`` (last ``max_len``).
+
+        Args:
+            rows (np.ndarray): ``(B,)`` row indices of this rank.
+            real (np.ndarray | None): ``(B,)`` bool, becomes ``batch.mask``. Default: None.
+
+        Returns:
+            SequenceBatch: on CPU.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        end = self._offsets[rows + 1]  # (B,)
+        full = end - self._offsets[rows]  # (B,) events per row
+        keep = full if self.max_len is None else np.minimum(full, self.max_len + 1)
+        lens = keep - 1  # (B,) input lengths
+        start = end - keep  # (B,) first kept event
+        total = int(lens.sum())
+        idx = np.repeat(start - (np.cumsum(lens) - lens), lens) + np.arange(total)  # (T,)
+        inputs = np.concatenate([self._values[k][idx] for k in self.keys])  # (K*T,)
+        labels = np.concatenate([self._values[k][idx + 1] for k in self.keys])  # (K*T,)
+        lengths = torch.from_numpy(np.tile(lens.astype(np.int32), len(self.keys)))  # (K*B,)
+        return SequenceBatch(
+            features=KeyedJaggedTensor.from_lengths_sync(
+                keys=list(self.keys), values=torch.from_numpy(inputs), lengths=lengths
+            ),
+            labels=KeyedJaggedTensor.from_lengths_sync(
+                keys=list(self.keys), values=torch.from_numpy(labels), lengths=lengths.clone()
+            ),
+            user=torch.from_numpy(self._user[rows]),
+            mask=None if real is None else torch.from_numpy(np.ascontiguousarray(real)),
+        )
