@@ -1,0 +1,79 @@
+"""Training: process group + planner + DMP (:mod:`.distributed`), ``fit`` / ``evaluate``
+(:mod:`.loop`), exact-resume checkpoints (:mod:`.checkpoint`) and full-ranking metrics
+(:mod:`.metrics`).
+
+Names load on first access, so ``import torchrec_mamba.train.metrics`` does not pull in
+``torchrec.distributed``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_LAZY = {
+    "DistributedContext": "torchrec_mamba.train.distributed",
+    "EmbeddingOptimizerConfig": "torchrec_mamba.train.distributed",
+    "build_optimizer": "torchrec_mamba.train.distributed",
+    "init_distributed": "torchrec_mamba.train.distributed",
+    "destroy_distributed": "torchrec_mamba.train.distributed",
+    "resolve_embedding_optimizer": "torchrec_mamba.train.distributed",
+    "shard_model": "torchrec_mamba.train.distributed",
+    "unwrap": "torchrec_mamba.train.distributed",
+    "FitConfig": "torchrec_mamba.train.loop",
+    "FitResult": "torchrec_mamba.train.loop",
+    "evaluate": "torchrec_mamba.train.loop",
+    "fit": "torchrec_mamba.train.loop",
+    "train_one_epoch": "torchrec_mamba.train.loop",
+    "load_checkpoint": "torchrec_mamba.train.checkpoint",
+    "save_checkpoint": "torchrec_mamba.train.checkpoint",
+    "RankingMetrics": "torchrec_mamba.train.metrics",
+    "ranking_metrics": "torchrec_mamba.train.metrics",
+}
+
+__all__ = [
+    "DistributedContext",
+    "EmbeddingOptimizerConfig",
+    "FitConfig",
+    "FitResult",
+    "RankingMetrics",
+    "build_optimizer",
+    "destroy_distributed",
+    "evaluate",
+    "fit",
+    "init_distributed",
+    "load_checkpoint",
+    "ranking_metrics",
+    "resolve_embedding_optimizer",
+    "save_checkpoint",
+    "shard_model",
+    "train_one_epoch",
+    "unwrap",
+]
+
+if TYPE_CHECKING:
+    from torchrec_mamba.train.checkpoint import load_checkpoint, save_checkpoint
+    from torchrec_mamba.train.distributed import (
+        DistributedContext,
+        EmbeddingOptimizerConfig,
+        build_optimizer,
+        destroy_distributed,
+        init_distributed,
+        resolve_embedding_optimizer,
+        shard_model,
+        unwrap,
+    )
+    from torchrec_mamba.train.loop import FitConfig, FitResult, evaluate, fit, train_one_epoch
+    from torchrec_mamba.train.metrics import RankingMetrics, ranking_metrics
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'torchrec_mamba.train' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,143 @@
+"""`torchrec-mamba` end to end on a tiny SASRec-format file: metrics.json, the last stdout line,
+bad-file errors, and a run killed with SIGKILL mid-epoch that resumes to the same test metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from torchrec_mamba.cli import main
+
+KEYS = {f"{m}@{k}" for m in ("hr", "ndcg", "mrr") for k in (5, 10, 20)}
+
+
+def write_tiny(path: Path, users: int = 40, items: int = 25) -> Path:
+    rng = np.random.default_rng(0)
+    lines = []
+    for u in range(1, users + 1):
+        start, n = int(rng.integers(1, items + 1)), int(rng.integers(4, 10))
+        lines.append(" ".join(str(x) for x in [u] + [(start + i - 1) % items + 1 for i in range(n)]))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train", "--data", f"sasrec:{data}", "--output", str(out), "--epochs", "3",
+        "--d-model", "8", "--d-state", "4", "--max-len", "6", "--batch-size", "8",
+        "--dropout", "0.2", "--backend", "reference", "--seed", "3", "--no-progress", *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny(tmp_path_factory.mktemp("data") / "tiny.txt")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("run")
+    assert main(train_args(tiny, out)) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_train_writes_metrics_and_prints_them_last(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(train_args(tiny, tmp_path, "--epochs", "2", "--loss-positions", "last")) == 0
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert json.loads(last_line) == report
+    assert set(report) >= {"valid", "test", "epochs_run", "best_epoch", "train_seconds_per_epoch",
+                           "config", "history"}
+    assert set(report["test"]) == KEYS and set(report["valid"]) == KEYS
+    assert report["epochs_run"] == 2 and report["best_epoch"] in (1, 2)
+    assert [h["epoch"] for h in report["history"]] == [1, 2]
+    assert all(set(h["valid"]) == KEYS and h["loss"] > 0 for h in report["history"])
+    assert report["config"]["loss_positions"] == "last" and report["config"]["num_items"] == 25
+    assert report["train_seconds_per_epoch"] > 0
+
+
+def test_bad_file_names_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1 2 3 4\n2 5 x 7\n3 1 2 3\n")
+    code = main(train_args(bad, tmp_path / "out"))
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.startswith("torchrec-mamba: error")]
+    assert len(lines) == 1, err
+    assert f"{bad}:2" in lines[0]
+    assert "Traceback" not in err
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(train_args(tmp_path / "nope.txt", tmp_path)) == 2
+    assert "nope.txt" in capsys.readouterr().err
+
+
+_KILLED_RUN = """
+import os, signal, sys
+import torchrec_mamba.train.loop as loop
+real_fit = loop.fit
+def fit(*args, **kwargs):
+    def hook(epoch, done):
+        if (epoch, done) == (1, 2):          # 2 batches into the 2nd epoch
+            os.kill(os.getpid(), signal.SIGKILL)
+    kwargs["on_batch_end"] = hook
+    return real_fit(*args, **kwargs)
+loop.fit = fit
+from torchrec_mamba.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_mid_epoch_then_resume_gives_same_test_metrics(
+    tiny: Path, tmp_path: Path, uninterrupted: dict[str, Any]
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    args = train_args(tiny, tmp_path / "killed", "--checkpoint-dir", str(ckpt))
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_KILLED_RUN), *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert not (tmp_path / "killed" / "metrics.json").exists()
+    assert (ckpt / "checkpoint.pt").is_file()  # epoch 1's checkpoint survived the kill
+
+    resumed_out = tmp_path / "resumed"
+    assert main(train_args(tiny, resumed_out, "--checkpoint-dir", str(ckpt), "--resume")) == 0
+    resumed = json.loads((resumed_out / "metrics.json").read_text())
+    assert resumed["test"] == uninterrupted["test"]  # exactly
+    assert resumed["valid"] == uninterrupted["valid"]
+    assert resumed["best_epoch"] == uninterrupted["best_epoch"]
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in uninterrupted["history"]]
+
+    # `evaluate` reloads the last checkpoint and scores the test split again
+    assert main(["evaluate", "--checkpoint-dir", str(ckpt), "--output", str(tmp_path / "ev")]) == 0
+    ev = json.loads((tmp_path / "ev" / "eval_metrics.json").read_text())
+    assert set(ev["test"]) == KEYS and ev["epoch"] == 3
+
+
+def test_sampled_softmax_and_sasrec_options(tiny: Path, tmp_path: Path) -> None:
+    args = train_args(tiny, tmp_path, "--epochs", "1", "--sampled-softmax", "5", "--model", "sasrec",
+                      "--num-layers", "1")
+    assert main(args) == 0
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["config"]["model"] == "sasrec" and report["config"]["sampled_softmax"] == 5
+    assert set(report["test"]) == KEYS
+
+
+def test_bad_options_exit_2(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(train_args(tiny, tmp_path, "--resume")) == 2
+    assert "resume=True needs a checkpoint_dir" in capsys.readouterr().err
+    assert main(train_args(tiny, tmp_path, "--embedding-optimizer", "rowwise_adagrad")) == 2
+    assert "only available for sharded tables" in capsys.readouterr().err

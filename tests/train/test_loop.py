@@ -1,0 +1,143 @@
+"""fit / evaluate: full-ranking evaluation against the metric functions, early stopping, test at
+the best epoch, and the plain loop against TorchRec's TrainPipelineBase."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import torchrec_mamba.train.loop as loop
+from torchrec_mamba.data import SequenceData, SequenceLoader, leave_one_out
+from torchrec_mamba.models import Mamba4Rec, Mamba4RecConfig
+from torchrec_mamba.modules import MambaSequenceEncoder
+from torchrec_mamba.train.distributed import (
+    DistributedContext,
+    EmbeddingOptimizerConfig,
+    build_optimizer,
+)
+from torchrec_mamba.train.loop import FitConfig, evaluate, fit, train_one_epoch
+from torchrec_mamba.train.metrics import ranking_metrics
+
+CTX = DistributedContext(0, 1, 0, torch.device("cpu"), None, False)
+
+
+def tiny_split(num_users: int = 40, num_items: int = 25):  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(0)
+    seqs = []
+    for _ in range(num_users):
+        start, n = int(rng.integers(1, num_items + 1)), int(rng.integers(4, 10))
+        seqs.append([(start + i - 1) % num_items + 1 for i in range(n)])
+    data = SequenceData.from_lists(seqs)
+    return data, leave_one_out(data, max_len=6)
+
+
+def build(num_items: int, dropout: float = 0.2, seed: int = 0):  # type: ignore[no-untyped-def]
+    torch.manual_seed(seed)
+    enc = MambaSequenceEncoder(d_model=8, d_state=4, dropout=dropout, backend="reference")
+    model = Mamba4Rec(Mamba4RecConfig(num_items=num_items, embedding_dim=8), enc)
+    opt = build_optimizer(model, 1e-2, 0.0, EmbeddingOptimizerConfig("adam", lr=1e-2))
+    return model, opt
+
+
+def test_evaluate_matches_ranking_metrics() -> None:
+    data, split = tiny_split()
+    model, _ = build(data.num_items)
+    loader = SequenceLoader(split.test, batch_size=7, shuffle=False, seed=0)
+    got = evaluate(model, loader, CTX, ks=(1, 5, 10))
+    model.eval()
+    whole = SequenceLoader(split.test, batch_size=len(split.test), shuffle=False, seed=0)
+    batch = next(iter(whole))
+    with torch.no_grad():
+        expected = ranking_metrics(model.score(batch), batch.targets(), ks=(1, 5, 10))
+    assert got.keys() == expected.keys()
+    for k in got:
+        assert got[k] == pytest.approx(expected[k], abs=1e-12), k
+    assert model.training is False  # evaluate restores the previous mode
+
+
+def test_evaluate_mask_seen_changes_ranks() -> None:
+    data, split = tiny_split()
+    model, _ = build(data.num_items)
+    loader = SequenceLoader(split.test, batch_size=16, shuffle=False, seed=0)
+    plain = evaluate(model, loader, CTX, ks=(10,))
+    masked = evaluate(model, loader, CTX, ks=(10,), mask_seen=True)
+    assert masked["mrr@10"] >= plain["mrr@10"]  # removing seen items can only lift the target
+    assert masked != plain
+
+
+def test_plain_loop_equals_train_pipeline_base() -> None:
+    data, split = tiny_split()
+    weights = []
+    for pipeline in ("plain", "base"):
+        model, opt = build(data.num_items)
+        loader = SequenceLoader(split.train, batch_size=8, shuffle=True, seed=1)
+        train_one_epoch(model, opt, loader, CTX, pipeline=pipeline, progress=False)  # type: ignore[arg-type]
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+    for k in weights[0]:
+        assert torch.equal(weights[0][k], weights[1][k]), k
+
+
+def test_fit_learns_and_reports_best_epoch() -> None:
+    data, split = tiny_split()
+    model, opt = build(data.num_items, dropout=0.0)
+    train = SequenceLoader(split.train, batch_size=8, shuffle=True, seed=1)
+    valid = SequenceLoader(split.valid, batch_size=16, shuffle=False, seed=0)
+    test = SequenceLoader(split.test, batch_size=16, shuffle=False, seed=0)
+    before = evaluate(model, valid, CTX)["ndcg@10"]
+    result = fit(model, opt, train, valid, test, FitConfig(epochs=4, progress=False), CTX)
+    losses = [h["loss"] for h in result.history]
+    assert losses[-1] < losses[0]
+    assert result.valid["ndcg@10"] > before + 0.1  # the cyclic pattern is easy to learn
+    assert set(result.test) == {f"{m}@{k}" for m in ("hr", "ndcg", "mrr") for k in (5, 10, 20)}
+    assert result.epochs_run == 4 and 1 <= result.best_epoch <= 4
+    best = result.history[result.best_epoch - 1]["valid"]
+    assert best == result.valid
+
+
+def test_early_stopping_and_test_at_best_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    data, split = tiny_split()
+    model, opt = build(data.num_items)
+    valid_scores = iter([0.1, 0.3, 0.2, 0.25, 0.29, 0.5])
+    calls: list[str] = []
+
+    def fake_evaluate(model, loader, ctx, ks, mask_seen):  # type: ignore[no-untyped-def]
+        if loader.part.name == "valid":
+            calls.append("valid")
+            return {"ndcg@10": next(valid_scores), "hr@10": 0.0}
+        calls.append("test")
+        return {"ndcg@10": 100.0 + len(calls), "hr@10": 0.0}
+
+    monkeypatch.setattr(loop, "evaluate", fake_evaluate)
+    train = SequenceLoader(split.train, batch_size=16, shuffle=True, seed=1)
+    valid = SequenceLoader(split.valid, batch_size=16, shuffle=False, seed=0)
+    test = SequenceLoader(split.test, batch_size=16, shuffle=False, seed=0)
+    result = fit(model, opt, train, valid, test, FitConfig(epochs=10, patience=3, progress=False), CTX)
+    assert result.best_epoch == 2 and result.epochs_run == 5 and result.stopped_early
+    assert result.valid["ndcg@10"] == 0.3
+    # test is evaluated only when validation improves (epochs 1 and 2); the epoch-2 one is kept
+    assert calls == ["valid", "test", "valid", "test", "valid", "valid", "valid"]
+    assert result.test["ndcg@10"] == 104.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"epochs": 0}, "epochs must be an int >= 1"),
+        ({"patience": 0}, "patience must be an int >= 1"),
+        ({"resume": True}, "resume=True needs a checkpoint_dir"),
+        ({"monitor": "ndcg@7"}, "monitor 'ndcg@7' must be"),
+        ({"pipeline": "fast"}, "unknown pipeline 'fast'"),
+    ],
+)
+def test_fit_config_validation(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        FitConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_sparse_dist_needs_dmp() -> None:
+    data, split = tiny_split()
+    model, opt = build(data.num_items)
+    loader = SequenceLoader(split.train, batch_size=8, shuffle=True, seed=1)
+    with pytest.raises(ValueError, match="'sparse_dist' needs a DistributedModelParallel"):
+        train_one_epoch(model, opt, loader, CTX, pipeline="sparse_dist", progress=False)
