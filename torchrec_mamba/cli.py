@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--embedding-lr", type=float, default=None,
                        help="table learning rate (default: --lr for adam, 0.05 for adagrad)")
     train.add_argument("--batch-size", type=int, default=256, help="training rows per rank (default 256)")
+    train.add_argument("--length-buckets", type=int, default=0, metavar="K",
+                       help="sort each run of K training batches by length before batching, so "
+                       "batches carry little padding (default 0: off)")
     train.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     train.add_argument("--pipeline", default="auto", choices=["auto", "sparse_dist", "base", "plain"],
                        help="training loop (default auto: sparse_dist when sharded, else plain)")
@@ -194,7 +197,8 @@ def _loaders(cfg: dict[str, Any], data: SequenceData, ctx: DistributedContext): 
     common = dict(rank=ctx.rank, world_size=ctx.world_size,
                   with_category=data.item_category is not None)
     train = SequenceLoader(split.train, batch_size=cfg["batch_size"], shuffle=True,
-                           seed=cfg["seed"], **common)  # type: ignore[arg-type]
+                           seed=cfg["seed"], bucket=cfg.get("length_buckets", 0),
+                           **common)  # type: ignore[arg-type]
     valid = SequenceLoader(split.valid, batch_size=cfg["eval_batch_size"], shuffle=False,
                            seed=cfg["seed"], **common)  # type: ignore[arg-type]
     test = SequenceLoader(split.test, batch_size=cfg["eval_batch_size"], shuffle=False,

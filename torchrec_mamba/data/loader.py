@@ -61,6 +61,10 @@ class SequenceLoader:
         world_size (int): number of ranks. Default: 1.
         with_category (bool): add key ``"category"`` (the item's category) to features and
             labels; needs ``split_part.item_category``. Default: False.
+        bucket (int): with ``shuffle``, sort each run of ``bucket * batch_size`` shuffled rows by
+            length before cutting batches, then shuffle the batch order. Batches then hold rows
+            of similar length, so far less padding reaches the encoder (Beauty: mean length 8 in
+            a max of 50). 0 turns it off. Default: 0.
 
     Example::
 
@@ -86,6 +90,7 @@ class SequenceLoader:
         rank: int = 0,
         world_size: int = 1,
         with_category: bool = False,
+        bucket: int = 0,
     ) -> None:
         if not isinstance(split_part, SplitPart):
             raise TypeError(f"split_part must be a SplitPart, got {type(split_part).__name__}")
@@ -97,6 +102,8 @@ class SequenceLoader:
             raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        if not isinstance(bucket, int) or bucket < 0:
+            raise ValueError(f"bucket must be an int >= 0, got {bucket!r}")
         if with_category and split_part.item_category is None:
             raise ValueError(
                 f"with_category=True but part {split_part.name!r} has no item categories "
@@ -110,6 +117,7 @@ class SequenceLoader:
         self.rank = rank
         self.world_size = world_size
         self.with_category = with_category
+        self.bucket = bucket
         self._keys = ["item", "category"] if with_category else ["item"]
         self._item_category = split_part.item_category if with_category else None
         self._epoch = 0
@@ -161,6 +169,7 @@ class SequenceLoader:
             "world_size": self.world_size,
             "shuffle": int(self.shuffle),
             "drop_last": int(self.drop_last),
+            "bucket": self.bucket,
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -170,7 +179,8 @@ class SequenceLoader:
             state (dict[str, int]): a saved state; settings that change the order must match.
         """
         mine = self.state_dict()
-        for key in ("seed", "num_rows", "batch_size", "world_size", "shuffle", "drop_last"):
+        state = {"bucket": 0, **state}  # states saved before bucketing existed
+        for key in ("seed", "num_rows", "batch_size", "world_size", "shuffle", "drop_last", "bucket"):
             if key not in state:
                 raise ValueError(f"loader state lacks {key!r}; got keys {sorted(state)}")
             if int(state[key]) != mine[key]:
@@ -205,7 +215,25 @@ class SequenceLoader:
             order = np.resize(order, total)
         else:
             order = order[:total]
-        return order[self.rank :: self.world_size], real[self.rank :: self.world_size]
+        rows, real = order[self.rank :: self.world_size], real[self.rank :: self.world_size]
+        if self.shuffle and self.bucket > 0:
+            rows, real = self._bucketed(rows, real, epoch)
+        return rows, real
+
+    def _bucketed(self, rows: np.ndarray, real: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sort runs of ``bucket * batch_size`` rows by length, then shuffle whole batches."""
+        bs, span = self.batch_size, self.bucket * self.batch_size
+        lengths = np.diff(self.part.offsets)[rows]  # (R,)
+        order = np.concatenate(
+            [start + np.argsort(lengths[start : start + span], kind="stable")
+             for start in range(0, len(rows), span)]
+        ) if len(rows) else np.zeros(0, dtype=np.int64)
+        rows, real = rows[order], real[order]
+        # Shuffle full batches only; a short last batch stays last so batch sizes keep their order.
+        full = len(rows) // bs
+        perm = np.random.default_rng((self.seed, epoch, 1)).permutation(full)
+        idx = np.concatenate([(perm[:, None] * bs + np.arange(bs)).ravel(), np.arange(full * bs, len(rows))])
+        return rows[idx], real[idx]
 
     def __iter__(self) -> Iterator[SequenceBatch]:
         rows, real = self.epoch_rows(self._epoch)
