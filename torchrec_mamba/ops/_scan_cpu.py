@@ -1,21 +1,258 @@
-"""Compiled C++ CPU selective scan (placeholder: being written)."""
+"""Compiled C++ CPU selective scan (backend "cpu") with a hand-written backward.
+
+The kernel lives in ``selective_scan_cpu.cpp`` beside this file. It is JIT-compiled with
+:func:`torch.utils.cpp_extension.load` the first time it is needed (never at import time), cached
+by torch under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), and reused by
+later processes. If the build fails, a warning is logged once, :func:`is_available` returns
+False, :func:`build_error` says why, and ``backend="auto"`` falls back to "chunked".
+
+Set ``TORCHREC_MAMBA_NO_CPU_KERNEL=1`` to skip the build (the "cpu" backend then reports itself
+unavailable).
+
+The forward keeps no states; the backward recomputes them per (batch row, channel) into a
+thread-local L x N buffer, so memory is linear in L. Arguments are validated by
+:func:`torchrec_mamba.ops.selective_scan.check_scan_args` before they reach :func:`selective_scan`.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from torchrec_mamba.ops.selective_scan import accumulate_dtype
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("selective_scan_cpu.cpp")
+DISABLE_ENV = "TORCHREC_MAMBA_NO_CPU_KERNEL"
+
+
+def _cpu_flags() -> set[str]:
+    """The feature flags of the first CPU in /proc/cpuinfo (empty when unreadable)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _arch_flags() -> tuple[str, list[str]]:
+    """A short ISA tag and the matching compiler flags: AVX2 + FMA when the CPU has both.
+
+    The tag goes into the extension's name so that a cache shared between machines with
+    different CPUs never hands an AVX2 build to a CPU without AVX2.
+    """
+    flags = _cpu_flags()
+    if {"avx2", "fma"} <= flags:
+        return "avx2", ["-mavx2", "-mfma"]
+    return "generic", []
+
+
+class KernelLoader:
+    """Builds and loads the C++ extension once, lazily and thread-safely.
+
+    Args:
+        source (Path): the C++ source file. Default: ``selective_scan_cpu.cpp`` beside this file.
+        name (str): base name of the extension (an ISA tag is appended). Default:
+            ``"torchrec_mamba_scan_cpu"``.
+
+    Example::
+
+        >>> loader = KernelLoader(Path("/nonexistent/scan.cpp"))
+        >>> loader.is_available()
+        False
+        >>> "nonexistent" in loader.build_error()
+        True
+    """
+
+    def __init__(self, source: Path = SOURCE, name: str = "torchrec_mamba_scan_cpu") -> None:
+        self.source = source
+        self.name = name
+        self._lock = threading.Lock()
+        self._tried = False
+        self._ops: Any = None
+        self._error = ""
+
+    def _build(self) -> Any:
+        if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+            raise RuntimeError(f"disabled by the environment variable {DISABLE_ENV}")
+        if not self.source.is_file():
+            raise FileNotFoundError(f"kernel source {self.source} not found")
+        from torch.utils.cpp_extension import load
+
+        tag, arch = _arch_flags()
+        load(
+            name=f"{self.name}_{tag}",
+            sources=[str(self.source)],
+            extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", "-DNDEBUG", *arch],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+        ops = torch.ops.torchrec_mamba_scan
+        ops.selective_scan_fwd, ops.selective_scan_bwd  # noqa: B018 - raise now if not registered
+        return ops
+
+    def get(self) -> Any:
+        """The loaded ``torch.ops`` namespace, building it on the first call; None if it failed."""
+        if self._tried:
+            return self._ops
+        with self._lock:
+            if not self._tried:
+                try:
+                    self._ops = self._build()
+                except Exception as exc:  # any build or load failure means "unavailable"
+                    msg = str(exc).strip()
+                    self._error = f"{type(exc).__name__}: {msg[-2000:]}"
+                    logger.warning(
+                        "selective_scan: the C++ CPU kernel is unavailable (%s); "
+                        "backend 'auto' falls back to 'chunked'",
+                        self._error,
+                    )
+                self._tried = True
+        return self._ops
+
+    def is_available(self) -> bool:
+        """Whether the kernel built and loaded (builds it on the first call)."""
+        return self.get() is not None
+
+    def build_error(self) -> str:
+        """Why the kernel is unavailable ("" when it built)."""
+        self.get()
+        return self._error
+
+
+_LOADER = KernelLoader()
 
 
 def is_available() -> bool:
-    return False
+    """Whether the compiled kernel can be used; compiles it on the first call (cached after)."""
+    return _LOADER.is_available()
 
 
 def build_error() -> str:
-    return "not built yet"
+    """Why the compiled kernel is unavailable; "" when it built."""
+    return _LOADER.build_error()
+
+
+class _SelectiveScanCPU(torch.autograd.Function):
+    """Autograd wrapper: the C++ forward, and the C++ backward that recomputes the states."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        u: Tensor,  # (B, D, L)
+        delta: Tensor,  # (B, D, L)
+        A: Tensor,  # (D, N)
+        Bt: Tensor,  # (B, L, N)
+        Ct: Tensor,  # (B, L, N)
+        D: Tensor | None,  # (D,)
+        z: Tensor | None,  # (B, D, L)
+        delta_bias: Tensor | None,  # (D,)
+        delta_softplus: bool,
+    ) -> tuple[Tensor, Tensor]:
+        ops = _LOADER.get()
+        y, last = ops.selective_scan_fwd(u, delta, A, Bt, Ct, D, z, delta_bias, delta_softplus)
+        ctx.save_for_backward(u, delta, A, Bt, Ct, D, z, delta_bias)
+        ctx.delta_softplus = delta_softplus
+        ctx.set_materialize_grads(False)
+        return y, last  # (B, D, L), (B, D, N)
+
+    @staticmethod
+    @once_differentiable  # the C++ backward builds no graph: double backward raises, never lies
+    def backward(  # type: ignore[override]
+        ctx: Any, dy: Tensor | None, dlast: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        u, delta, A, Bt, Ct, D, z, delta_bias = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(u)
+        dy = dy.to(u.dtype).contiguous()  # (B, D, L)
+        if dlast is not None:
+            dlast = dlast.to(u.dtype).contiguous()  # (B, D, N)
+        ops = _LOADER.get()
+        du, ddelta, dA, dBt, dCt, dD, dz, dbias = ops.selective_scan_bwd(
+            u, delta, A, Bt, Ct, D, z, delta_bias, ctx.delta_softplus, dy, dlast
+        )
+        need = ctx.needs_input_grad
+        return (
+            du if need[0] else None,
+            ddelta if need[1] else None,
+            dA if need[2] else None,
+            dBt if need[3] else None,
+            dCt if need[4] else None,
+            dD if D is not None and need[5] else None,
+            dz if z is not None and need[6] else None,
+            dbias if delta_bias is not None and need[7] else None,
+            None,
+        )
 
 
 def selective_scan(
-    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-    D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None,
-    delta_softplus: bool, return_last_state: bool,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+    return_last_state: bool,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    raise RuntimeError(build_error())
+    """Selective scan on the compiled CPU kernel; arguments as in :func:`selective_scan`.
+
+    Inputs are cast to the accumulate dtype (fp32, or fp64 for fp64 inputs) and made contiguous,
+    with B and C transposed to (B, L, N); autograd casts each gradient back to its input's dtype.
+
+    Args:
+        u (Tensor): (B, D, L) input.
+        delta (Tensor): (B, D, L) time step before ``delta_bias`` and softplus.
+        A (Tensor): (D, N) state matrix.
+        B (Tensor): (B, N, L) input matrix.
+        C (Tensor): (B, N, L) output matrix.
+        D (Tensor, optional): (D,) skip connection.
+        z (Tensor, optional): (B, D, L) gate, applied as ``y * silu(z)``.
+        delta_bias (Tensor, optional): (D,) added to delta.
+        delta_softplus (bool): apply softplus to delta (after the bias).
+        return_last_state (bool): also return the state after the last step.
+
+    Example::
+
+        >>> from torchrec_mamba.ops.selective_scan import selective_scan_ref
+        >>> u = torch.randn(2, 4, 5); delta = torch.rand(2, 4, 5)
+        >>> A = -torch.rand(4, 3); B = torch.randn(2, 3, 5); C = torch.randn(2, 3, 5)
+        >>> y = selective_scan(u, delta, A, B, C, None, None, None, False, False)
+        >>> torch.allclose(y, selective_scan_ref(u, delta, A, B, C), atol=1e-5)
+        True
+
+    Returns:
+        Tensor: y, (B, D, L), in u's dtype; with ``return_last_state``, also the last state
+        (B, D, N) in the accumulate dtype.
+
+    Raises:
+        RuntimeError: the kernel failed to build (see :func:`build_error`).
+    """
+    if not is_available():
+        raise RuntimeError(f"selective_scan: the C++ CPU kernel is unavailable: {build_error()}")
+    acc = accumulate_dtype(u.dtype)
+
+    def prep(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.to(acc).contiguous()
+
+    Bt = B.to(acc).transpose(1, 2).contiguous()  # (B, L, N)
+    Ct = C.to(acc).transpose(1, 2).contiguous()  # (B, L, N)
+    y, last = _SelectiveScanCPU.apply(
+        prep(u), prep(delta), prep(A), Bt, Ct, prep(D), prep(z), prep(delta_bias), delta_softplus
+    )
+    y = y.to(u.dtype)  # (B, D, L)
+    return (y, last) if return_last_state else y
