@@ -300,6 +300,14 @@ def selective_scan(
     chunk = default_chunk_size(length) if chunk_size is None else chunk_size
     if chunk < 1:
         raise ValueError(f"selective_scan (chunked): chunk_size must be >= 1, got {chunk}")
+    if u.numel() == 0 or A.numel() == 0:
+        # Empty batch, channels or state: nothing to parallelise, and the chunk reshapes below
+        # cannot infer a size from zero elements. The sequential form handles it exactly.
+        from torchrec_mamba.ops.selective_scan import selective_scan_ref
+
+        return selective_scan_ref(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
+        )
     acc = accumulate_dtype(u.dtype)
     u_, dt, A_, B_, C_ = (t.to(acc) for t in (u, delta, A, B, C))
     if delta_bias is not None:
