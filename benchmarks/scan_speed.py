@@ -196,6 +196,57 @@ def print_table(results: list[Result]) -> None:
         )
 
 
+def kernel_cpu_time(shapes: list[Shape], repeats: int) -> list[dict[str, Any]]:
+    """Forward and backward of the compiled kernel alone, 1 thread, process CPU time.
+
+    Calls the registered ops directly (no autograd, no casts), so it measures the kernel only,
+    and CPU time does not grow when other jobs load the machine. The ISA is the one the loader
+    picked (cap it with ``TORCHREC_MAMBA_CPU_ISA=avx2`` or ``generic`` to time a fallback).
+    """
+    import torch
+
+    from torchrec_mamba.ops import _scan_cpu
+
+    torch.set_num_threads(1)
+    ops = _scan_cpu.kernel_ops()
+    if ops is None:
+        raise RuntimeError(f"the C++ CPU kernel is unavailable: {_scan_cpu.build_error()}")
+    rows = []
+    for shape in shapes:
+        with torch.no_grad():
+            t = _make_inputs(shape, requires_grad=False)
+            bt = t["B"].transpose(1, 2).contiguous()  # (B, L, N)
+            ct = t["C"].transpose(1, 2).contiguous()  # (B, L, N)
+            dy = torch.randn_like(t["u"])  # (B, D, L)
+            args = (t["u"], t["delta"], t["A"], bt, ct, t["D"], t["z"], t["delta_bias"], True)
+            ops.selective_scan_fwd(*args)  # warm-up
+            ops.selective_scan_bwd(*args, dy, None)
+            fwd, bwd = [], []
+            for _ in range(repeats):
+                start = time.process_time()
+                ops.selective_scan_fwd(*args)
+                mid = time.process_time()
+                ops.selective_scan_bwd(*args, dy, None)
+                fwd.append(mid - start)
+                bwd.append(time.process_time() - mid)
+        updates = shape.size()
+        row = {
+            "shape": f"{shape.batch},{shape.dim},{shape.length},{shape.nstate}",
+            "fwd_ms": statistics.median(fwd) * 1e3,
+            "bwd_ms": statistics.median(bwd) * 1e3,
+            "fwd_ns_per_update": statistics.median(fwd) / updates * 1e9,
+            "bwd_ns_per_update": statistics.median(bwd) / updates * 1e9,
+            "isa": _scan_cpu._arch_flags()[0],
+        }
+        print(
+            f"[kernel] {row['shape']} ({row['isa']}): fwd {row['fwd_ms']:.1f} ms "
+            f"({row['fwd_ns_per_update']:.2f} ns/update), bwd {row['bwd_ms']:.1f} ms "
+            f"({row['bwd_ns_per_update']:.2f} ns/update)"
+        )
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -217,6 +268,11 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
     parser.add_argument("--no-layer", action="store_true", help="skip the Mamba-layer shape")
+    parser.add_argument(
+        "--kernel-cpu-time",
+        action="store_true",
+        help="only time the compiled kernel's fwd and bwd on 1 thread (process CPU time)",
+    )
     parser.add_argument("--worker", choices=BACKENDS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-shape", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -228,6 +284,17 @@ def main(argv: list[str] | None = None) -> int:
         b, d, length, n = (int(x) for x in args.worker_shape.split(","))
         out = run_worker(Shape(b, d, length, n), args.worker, args.repeats, args.budget_s, threads)
         print(json.dumps(out))
+        return 0
+
+    if args.kernel_cpu_time:
+        lengths = args.lengths or [200, 2000]
+        batch_for = {200: 64, 2000: 16}
+        shapes = [
+            Shape(batch_for.get(length, args.batch), args.dim, length, args.nstate)
+            for length in lengths
+        ]
+        rows = kernel_cpu_time(shapes, args.repeats)
+        print(json.dumps({"benchmark": "scan_kernel_cpu_time", "results": rows}))
         return 0
 
     if args.quick:

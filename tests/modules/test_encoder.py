@@ -256,3 +256,34 @@ def test_errors_name_the_bad_value() -> None:
         MambaSequenceEncoder(D, dropout=1.0)
     with pytest.raises(ValueError, match="init must be 'mamba4rec' or 'mamba', got 'xavier'"):
         MambaSequenceEncoder(D, init="xavier")  # type: ignore[arg-type]
+
+
+def test_fast_dropout_fallback_matches_kernel_semantics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the compiled kernel FastDropout still drops at rate p and masks the gradient."""
+    from torchrec_mamba.modules import feed_forward
+
+    monkeypatch.setattr(feed_forward._scan_cpu, "kernel_ops", lambda: None)
+    x = torch.randn(300, 400, requires_grad=True)
+    y = FastDropout(0.3)(x)
+    kept = y != 0
+    assert abs(1 - kept.float().mean().item() - 0.3) < 0.006
+    assert_close(y[kept], x[kept] / 0.7)
+    g = torch.randn_like(x)
+    y.backward(g)
+    assert_close(x.grad, g * kept / 0.7)
+
+
+def test_fast_dropout_kernel_is_thread_count_independent() -> None:
+    """The kernel's counter-based draws depend on the seed only, not on the thread count."""
+    drop = FastDropout(0.5)
+    x = torch.randn(1000, 257)
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            torch.manual_seed(11)
+            outs.append(drop(x))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(outs[0], outs[1])

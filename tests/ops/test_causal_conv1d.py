@@ -205,3 +205,77 @@ def test_update_errors(kwargs: dict[str, Any], error: type, match: str) -> None:
     for fn in (causal_conv1d_update, causal_conv1d_update_ref):
         with pytest.raises(error, match=match):
             fn(**args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("width", "length"), [(1, 5), (3, 2), (5, 9), (4, 64)])
+def test_cpu_kernel_any_width_matches_reference(
+    width: int, length: int, dtype: torch.dtype
+) -> None:
+    """The compiled CPU conv (generic and unrolled W=4 loops, L < W) and all its gradients."""
+    from torchrec_mamba.ops import _scan_cpu
+
+    if not _scan_cpu.is_available():
+        pytest.skip(f"the C++ CPU kernel failed to build: {_scan_cpu.build_error()}")
+    x, w, b = _inputs(2, 5, length, width, dtype, bias=True, seed=2)
+    for activation in (None, "silu"):
+        y = causal_conv1d(x, w, b, activation)
+        assert y.grad_fn is not None and "CausalConv1dCPU" in type(y.grad_fn).__name__
+        y_ref = causal_conv1d_ref(x, w, b, activation)
+        torch.testing.assert_close(y, y_ref, **TOL[dtype])
+        gy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, (x, w, b), gy)
+        grads_ref = torch.autograd.grad(y_ref, (x, w, b), gy)
+        for g, g_ref in zip(grads, grads_ref, strict=True):
+            torch.testing.assert_close(g, g_ref, **TOL[dtype])
+
+
+def test_cpu_kernel_double_backward_raises() -> None:
+    from torchrec_mamba.ops import _scan_cpu
+
+    if not _scan_cpu.is_available():
+        pytest.skip(f"the C++ CPU kernel failed to build: {_scan_cpu.build_error()}")
+    x, w, b = _inputs(1, 2, 6, 4, torch.float64, bias=True)
+    (gx,) = torch.autograd.grad(causal_conv1d(x, w, b, "silu").sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|does not require"):
+        torch.autograd.grad(gx.sum(), w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("width", [1, 4])
+def test_cpu_update_kernel_without_grad_matches_reference(width: int, dtype: torch.dtype) -> None:
+    """Under no_grad the compiled one-step kernel updates the state exactly as the oracle."""
+    x, w, b = _inputs(3, 4, 7, width, dtype, bias=True, seed=5)
+    state = torch.randn(3, 4, width, dtype=dtype)
+    state_ref = state.clone()
+    with torch.no_grad():
+        for t in range(7):
+            y = causal_conv1d_update(x[..., t], state, w, b, "silu")
+            y_ref = causal_conv1d_update_ref(x[..., t], state_ref, w, b, "silu")
+            torch.testing.assert_close(y, y_ref, **TOL[dtype])
+            torch.testing.assert_close(state, state_ref, **TOL[dtype])
+
+
+def test_pytorch_fallback_without_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the compiled kernel is unavailable, F.conv1d and the PyTorch update still agree."""
+    from torchrec_mamba.ops import _scan_cpu
+
+    monkeypatch.setattr(_scan_cpu, "is_available", lambda: False)
+    x, w, b = _inputs(2, 3, 9, 4, torch.float64, bias=True, seed=6)
+    y = causal_conv1d(x, w, b, "silu")
+    assert "CausalConv1dCPU" not in type(y.grad_fn).__name__
+    y_ref = causal_conv1d_ref(x, w, b, "silu")
+    torch.testing.assert_close(y, y_ref, **TOL[torch.float64])
+    grads = torch.autograd.grad(y.sum(), (x, w, b))
+    grads_ref = torch.autograd.grad(y_ref.sum(), (x, w, b))
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, **TOL[torch.float64])
+    state, state_ref = (
+        torch.zeros(2, 3, 4, dtype=torch.float64),
+        torch.zeros(2, 3, 4, dtype=torch.float64),
+    )
+    with torch.no_grad():
+        y1 = causal_conv1d_update(x[..., 0], state, w, b, "silu")
+        y1_ref = causal_conv1d_update_ref(x[..., 0], state_ref, w, b, "silu")
+    torch.testing.assert_close(y1, y1_ref, **TOL[torch.float64])
+    torch.testing.assert_close(state, state_ref, **TOL[torch.float64])

@@ -463,3 +463,25 @@ def test_loader_builds_once_across_threads() -> None:
         t.join()
     assert results == [True] * 8
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "cap", "tag"),
+    [
+        ({"avx512f", "avx2", "fma"}, "", "avx512"),
+        ({"avx512f", "avx2", "fma"}, "avx2", "avx2"),
+        ({"avx512f", "avx2", "fma"}, "generic", "generic"),
+        ({"avx2", "fma"}, "", "avx2"),
+        ({"avx2"}, "", "generic"),
+        (set(), "avx512", "generic"),
+    ],
+)
+def test_isa_choice_follows_cpu_flags_and_cap(
+    monkeypatch: pytest.MonkeyPatch, flags: set[str], cap: str, tag: str
+) -> None:
+    """AVX-512 code only for CPUs that list avx512f; TORCHREC_MAMBA_CPU_ISA caps the choice."""
+    monkeypatch.setattr(_scan_cpu, "_cpu_flags", lambda: flags)
+    monkeypatch.setenv(_scan_cpu.ISA_ENV, cap)
+    got, cflags = _scan_cpu._arch_flags()
+    assert got == tag
+    assert ("-mavx512f" in cflags) == (tag == "avx512")

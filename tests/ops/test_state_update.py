@@ -192,3 +192,50 @@ def test_errors(overrides: dict[str, Any], error: type, match: str) -> None:
     for fn in (selective_state_update, selective_state_update_ref):
         with pytest.raises(error, match=match):
             fn(**_args(**overrides))
+
+
+class _Spy:
+    """Wraps the compiled ops namespace and counts calls by name."""
+
+    def __init__(self, ops: Any) -> None:
+        self.ops, self.calls = ops, []
+
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(self.ops, name)
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("nstate", [1, 5, 32])
+@pytest.mark.parametrize(
+    "use",
+    [
+        {"D": True, "z": True, "bias": True, "softplus": True},
+        {"D": False, "z": False, "bias": False, "softplus": False},
+        {"D": True, "z": False, "bias": True, "softplus": False},
+    ],
+)
+def test_cpu_kernel_without_grad_matches_reference(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, nstate: int, use: dict
+) -> None:
+    """Under no_grad, fp32/fp64 steps run the compiled one-pass kernel; it matches the oracle."""
+    from torchrec_mamba.ops import _scan_cpu
+
+    if not _scan_cpu.is_available():
+        pytest.skip(f"the C++ CPU kernel failed to build: {_scan_cpu.build_error()}")
+    spy = _Spy(_scan_cpu.kernel_ops())
+    monkeypatch.setattr(_scan_cpu, "kernel_ops", lambda: spy)
+    t = _inputs(3, 19, nstate, 6, dtype, seed=4)
+    state = torch.randn(3, 19, nstate, dtype=dtype)
+    state_ref = state.clone()
+    with torch.no_grad():
+        ys = _step_all(selective_state_update, state, t, 0, use)
+        ys_ref = _step_all(selective_state_update_ref, state_ref, t, 0, use)
+    assert spy.calls.count("selective_state_update_cpu") == 6
+    torch.testing.assert_close(ys, ys_ref, **TOL[dtype])
+    torch.testing.assert_close(state, state_ref, **TOL[dtype])

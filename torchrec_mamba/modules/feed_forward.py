@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchrec_mamba.ops import _scan_cpu
+
 __all__ = ["FastDropout", "FeedForward"]
 
 _INT16_SPAN = 65536
@@ -20,43 +22,65 @@ _INT16_SPAN = 65536
 class _DropoutFunction(torch.autograd.Function):
     """Inverted dropout from 16-bit uniforms carved out of 64-bit random words.
 
-    Saves the 16-bit draws (2 bytes per element) and rebuilds the mask in the backward. The
-    comparison writes straight into an x-dtype buffer (``torch.ge(..., out=)``), which is several
-    times faster on CPU than multiplying by a bool mask.
+    Saves the 16-bit draws (2 bytes per element) and rebuilds the mask in the backward; the mask
+    is applied by :func:`_apply_mask`.
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, p: float) -> Tensor:  # type: ignore[override]
+        threshold = round(p * _INT16_SPAN) - _INT16_SPAN // 2  # P(uniform16 >= threshold) = 1 - p
+        scale = 1.0 / (1.0 - p)
+        ctx.threshold, ctx.scale = threshold, scale
+        ops = _kernel_for(x)
+        if ops is not None:
+            # One fused pass: counter-based 16-bit draws from a seed taken from torch's generator.
+            seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
+            out, uniform16 = ops.dropout_fwd(x.contiguous(), seed, threshold, scale)
+            ctx.save_for_backward(uniform16)
+            return out
         n = x.numel()
         # One 64-bit draw gives four 16-bit uniforms: 4x fewer RNG calls than bernoulli_.
         words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device)
         words.random_(-(2**63), 2**63 - 1)
         uniform16 = words.view(torch.int16)[:n].view(x.shape)  # uniform on [-32768, 32767]
-        threshold = round(p * _INT16_SPAN) - _INT16_SPAN // 2  # P(uniform16 >= threshold) = 1 - p
-        scale = 1.0 / (1.0 - p)
         ctx.save_for_backward(uniform16)
-        ctx.threshold, ctx.scale = threshold, scale
-        out = torch.ge(
-            uniform16, threshold, out=torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        )
-        return out.mul_(x).mul_(scale)  # keep * x / (1 - p), in the mask's buffer
+        return _apply_mask(x, uniform16, threshold, scale)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         (uniform16,) = ctx.saved_tensors
-        out = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
-        torch.ge(uniform16, ctx.threshold, out=out)
-        return out.mul_(grad).mul_(ctx.scale), None
+        return _apply_mask(grad, uniform16, ctx.threshold, ctx.scale), None
+
+
+def _kernel_for(x: Tensor) -> Any:
+    """The compiled CPU ops when they can run ``x`` (fp32/fp64 on CPU), else None."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        return _scan_cpu.kernel_ops()
+    return None
+
+
+def _apply_mask(x: Tensor, uniform16: Tensor, threshold: int, scale: float) -> Tensor:
+    """``(uniform16 >= threshold) * x * scale``: one fused pass in the compiled CPU kernel for
+    fp32/fp64 tensors, else the comparison written straight into an x-dtype buffer (several
+    times faster on CPU than multiplying by a bool mask) and two in-place multiplies."""
+    ops = _kernel_for(x)
+    if ops is not None:
+        return ops.dropout_apply(x.contiguous(), uniform16.contiguous(), threshold, scale)
+    out = torch.ge(uniform16, threshold, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
+    return out.mul_(x).mul_(scale)  # keep * x / (1 - p), in the mask's buffer
 
 
 class FastDropout(nn.Module):
     """Drop-in ``nn.Dropout`` that is several times faster on CPU and keeps half the memory.
 
     PyTorch's CPU dropout draws one ``bernoulli_`` float per element and keeps that float noise
-    tensor for the backward (4 bytes per element); this draws 16-bit uniforms four at a time from
-    64-bit random words and keeps those (2 bytes per element). The drop probability is ``p``
-    rounded to a multiple of 1/65536. Randomness comes from torch's default generator, so
-    ``torch.manual_seed`` makes it reproducible. On other devices it calls ``F.dropout``.
+    tensor for the backward (4 bytes per element); this uses 16-bit uniforms, four per 64-bit
+    random word, and keeps those (2 bytes per element). With the compiled CPU kernel (fp32/fp64)
+    the words come from a counter-based hash (splitmix64) of one seed and the element index, in
+    the same pass that applies the mask; otherwise from ``Tensor.random_``. The drop probability
+    is ``p`` rounded to a multiple of 1/65536. The seed (or the words) comes from torch's default
+    generator, so ``torch.manual_seed`` makes it reproducible. On other devices it calls
+    ``F.dropout``.
 
     Args:
         p (float): drop probability in [0, 1). Default: 0.5.

@@ -400,7 +400,7 @@ class MambaBlock(nn.Module):
         dt, b_t, c_t = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)  # (B, E)
         acc = self._acc_dtype()
-        A = -torch.exp(self.A_log.to(acc))  # (E, N)
+        A = self._step_A(acc)  # (E, N)
         y = selective_state_update(
             ssm_state,
             u,
@@ -414,6 +414,22 @@ class MambaBlock(nn.Module):
             dt_softplus=True,
         )  # (B, E)
         return self.out_proj(y), MambaState(conv_state, ssm_state)
+
+    def _step_A(self, acc: torch.dtype) -> Tensor:
+        """A = -exp(A_log) for :meth:`step`; cached while no gradient is recorded.
+
+        The cache is keyed on the parameter's storage, version counter and dtype, so an
+        optimizer step or ``load_state_dict`` (both bump the version) invalidates it.
+        """
+        if torch.is_grad_enabled() and self.A_log.requires_grad:
+            return -torch.exp(self.A_log.to(acc))  # (E, N)
+        key = (self.A_log.data_ptr(), self.A_log._version, acc, self.A_log.device)
+        cached = getattr(self, "_A_cache", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, -torch.exp(self.A_log.to(acc)))
+            self._A_cache = cached
+        return cached[1]  # (E, N)
 
     def extra_repr(self) -> str:
         return (

@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("selective_scan_cpu.cpp")
 DISABLE_ENV = "TORCHREC_MAMBA_NO_CPU_KERNEL"
+ISA_ENV = "TORCHREC_MAMBA_CPU_ISA"
 
 
 def _cpu_flags() -> set[str]:
@@ -47,13 +48,21 @@ def _cpu_flags() -> set[str]:
 
 
 def _arch_flags() -> tuple[str, list[str]]:
-    """A short ISA tag and the matching compiler flags: AVX2 + FMA when the CPU has both.
+    """A short ISA tag and the matching compiler flags for the CPU this runs on.
 
-    The tag goes into the extension's name so that a cache shared between machines with
-    different CPUs never hands an AVX2 build to a CPU without AVX2.
+    AVX-512F (with AVX2 + FMA) when the CPU has it: 16-wide vectors, and the decay's 2^x uses
+    ``vscalefps``; else AVX2 + FMA; else the compiler's baseline (the kernel's portable vector
+    code). ``TORCHREC_MAMBA_CPU_ISA`` (``avx512``, ``avx2`` or ``generic``) caps the choice. The
+    tag goes into the extension's name so that a cache shared between machines with different
+    CPUs never hands code to a CPU that lacks its instructions.
     """
     flags = _cpu_flags()
-    if {"avx2", "fma"} <= flags:
+    cap = os.environ.get(ISA_ENV, "").strip().lower()
+    order = ("avx512", "avx2", "generic")
+    allowed = order[order.index(cap) :] if cap in order else order
+    if "avx512" in allowed and {"avx512f", "avx2", "fma"} <= flags:
+        return "avx512", ["-mavx512f", "-mavx2", "-mfma", "-mprefer-vector-width=512"]
+    if "avx2" in allowed and {"avx2", "fma"} <= flags:
         return "avx2", ["-mavx2", "-mfma"]
     return "generic", []
 
@@ -100,7 +109,10 @@ class KernelLoader:
             verbose=False,
         )
         ops = torch.ops.torchrec_mamba_scan
-        ops.selective_scan_fwd, ops.selective_scan_bwd  # noqa: B018 - raise now if not registered
+        # Raise now if an op is not registered.
+        ops.selective_scan_fwd, ops.selective_scan_bwd  # noqa: B018
+        ops.causal_conv1d_fwd, ops.causal_conv1d_bwd, ops.dropout_apply, ops.dropout_fwd  # noqa: B018
+        ops.causal_conv1d_update_cpu, ops.selective_state_update_cpu  # noqa: B018
         return ops
 
     def get(self) -> Any:
@@ -143,6 +155,14 @@ def is_available() -> bool:
 def build_error() -> str:
     """Why the compiled kernel is unavailable; "" when it built."""
     return _LOADER.build_error()
+
+
+def kernel_ops() -> Any:
+    """The compiled ``torch.ops`` namespace (scan, causal conv1d, dropout); None if unavailable.
+
+    Builds the extension on the first call, as :func:`is_available` does.
+    """
+    return _LOADER.get()
 
 
 class _SelectiveScanCPU(torch.autograd.Function):

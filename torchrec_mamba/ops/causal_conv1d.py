@@ -7,18 +7,24 @@ Position ``t`` of the output sees inputs ``t - W + 1 .. t`` of its own channel o
     y[b, d, t] = act(bias[d] + sum_k weight[d, k] * x[b, d, t - (W - 1) + k])   (x[.., < 0] = 0)
 
 Dispatch: causal-conv1d's CUDA kernels when importable, on CUDA, and the dtypes fit them
-(fp16/bf16/fp32, weight in x's dtype, 2 <= W <= 4); otherwise PyTorch, which computes in fp32
-(fp64 for fp64 input) and returns x's dtype. Weights may be fp32 master weights for half inputs.
+(fp16/bf16/fp32, weight in x's dtype, 2 <= W <= 4); on CPU with fp32 or fp64 tensors of one
+dtype, the compiled kernel of :mod:`._scan_cpu` (a fused conv + SiLU forward and a hand-written
+backward that recomputes the pre-activation; about 3x faster than ``F.conv1d`` at Mamba's
+shapes); otherwise PyTorch, which computes in fp32 (fp64 for fp64 input) and returns x's dtype.
+Weights may be fp32 master weights for half inputs.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
+from torchrec_mamba.ops import _scan_cpu
 from torchrec_mamba.ops.selective_scan import accumulate_dtype
 
 logger = logging.getLogger(__name__)
@@ -120,6 +126,44 @@ def _use_kernel(
     )
 
 
+class _CausalConv1dCPU(torch.autograd.Function):
+    """The compiled CPU conv: fused conv + SiLU forward, backward recomputing the pre-activation."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool
+    ) -> Tensor:
+        ctx.save_for_backward(x, weight, bias)
+        ctx.silu = silu
+        return _scan_cpu.kernel_ops().causal_conv1d_fwd(x, weight, bias, silu)  # (B, D, L)
+
+    @staticmethod
+    @once_differentiable  # the C++ backward builds no graph: double backward raises, never lies
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, weight, bias = ctx.saved_tensors
+        dx, dw, db = _scan_cpu.kernel_ops().causal_conv1d_bwd(
+            x, weight, bias, ctx.silu, dy.contiguous()
+        )
+        need = ctx.needs_input_grad
+        return (
+            dx if need[0] else None,
+            dw if need[1] else None,
+            db if bias is not None and need[2] else None,
+            None,
+        )
+
+
+def _use_cpu_kernel(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether the compiled CPU kernel can run these tensors (fp32 or fp64, one dtype)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and weight.dtype == x.dtype
+        and (bias is None or bias.dtype == x.dtype)
+        and _scan_cpu.is_available()
+    )
+
+
 def causal_conv1d_ref(
     x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None
 ) -> Tensor:
@@ -183,6 +227,13 @@ def causal_conv1d(
         if x.stride(2) != 1 and x.stride(1) != 1:
             x = x.contiguous()
         return _fused.causal_conv1d_fn(x, weight, bias, activation=activation)
+    if _use_cpu_kernel(x, weight, bias):
+        return _CausalConv1dCPU.apply(
+            x.contiguous(),
+            weight.contiguous(),
+            None if bias is None else bias.contiguous(),
+            activation in ("silu", "swish"),
+        )
     acc = accumulate_dtype(x.dtype)
     width = weight.shape[1]
     x_ = x.to(acc)  # (B, D, L)
@@ -244,7 +295,9 @@ def causal_conv1d_update(
 
     Running a prefix through :func:`causal_conv1d`, keeping its last W inputs as ``conv_state``,
     then calling this once per new step gives the same outputs as the full convolution.
-    Uses causal-conv1d's CUDA kernel on CUDA when no gradient is needed (it has no backward).
+    When no gradient is needed it uses causal-conv1d's CUDA kernel on CUDA, and on CPU the
+    compiled one-pass kernel for fp32/fp64 (contiguous conv_state of x's dtype); neither has
+    a backward.
 
     Args:
         x (Tensor): (B, D) the new step's input.
@@ -275,6 +328,20 @@ def causal_conv1d_update(
         return _fused.causal_conv1d_update_fn(
             x, conv_state, weight, bias, activation
         )  # pragma: no cover
+    if (
+        not needs_grad
+        and not conv_state.requires_grad
+        and conv_state.dtype == x.dtype
+        and conv_state.is_contiguous()
+        and _use_cpu_kernel(x, weight, bias)
+    ):
+        return _scan_cpu.kernel_ops().causal_conv1d_update_cpu(
+            x.contiguous(),
+            conv_state,
+            weight.contiguous(),
+            None if bias is None else bias.contiguous(),
+            activation in ("silu", "swish"),
+        )
     acc = accumulate_dtype(x.dtype)
     window = torch.cat([conv_state[..., 1:].to(acc), x.to(acc)[..., None]], dim=-1)  # (B, D, W)
     conv_state.copy_(window)  # autograd-aware, so gradients can flow across steps

@@ -8,9 +8,10 @@ Shape letters: B batch, D channels, N state size. For one new step with input x:
 
 Same semantics as mamba-ssm's ``selective_state_update``. Running it over the L steps of a
 sequence from a zero state gives :func:`selective_scan_ref`'s outputs and last state.
-Dispatch: mamba-ssm's Triton kernel on CUDA when importable, no gradient is needed (it has no
-backward) and the inputs are not fp64; otherwise PyTorch, which accumulates in fp32 (fp64 for
-fp64 input).
+Dispatch, when no gradient is needed (neither kernel has a backward): mamba-ssm's Triton kernel
+on CUDA when importable and the inputs are not fp64; on CPU, the compiled one-pass kernel of
+:mod:`._scan_cpu` when every tensor is fp32 (or every one fp64). Otherwise PyTorch, which
+accumulates in fp32 (fp64 for fp64 input).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from torchrec_mamba.ops import _scan_cpu
 from torchrec_mamba.ops.selective_scan import accumulate_dtype
 
 logger = logging.getLogger(__name__)
@@ -235,5 +237,26 @@ def selective_state_update(
     ):  # pragma: no cover - CUDA only
         return _fused.selective_state_update_fn(
             state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus
+        )
+    if (
+        not needs_grad
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and all(t.dtype == x.dtype for t in tensors)
+        and state.is_contiguous()
+        and _scan_cpu.is_available()
+    ):
+        # One fused pass over the state; the other tensors are small (B, D), (B, N) or (D, N).
+        return _scan_cpu.kernel_ops().selective_state_update_cpu(
+            state,
+            x.contiguous(),
+            dt.contiguous(),
+            A.contiguous(),
+            B.contiguous(),
+            C.contiguous(),
+            None if D is None else D.contiguous(),
+            None if z is None else z.contiguous(),
+            None if dt_bias is None else dt_bias.contiguous(),
+            dt_softplus,
         )
     return _step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
