@@ -26,7 +26,7 @@ test: venv
 	$(PY) -m pytest -q
 
 demo: venv
-	$(PY) -m torchrec_mamba.demo
+	$(PY) examples/retailrocket/run.py
 
 lint: venv
 	$(PY) -m ruff check torchrec_mamba preprocessing tests benchmarks examples

@@ -94,6 +94,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--d-state", type=int, default=32, help="SSM state size (default 32)")
     p.add_argument("--d-conv", type=int, default=4, help="conv width (default 4)")
     p.add_argument("--expand", type=int, default=2, help="Mamba inner expansion (default 2)")
+    p.add_argument("--init", default="mamba4rec", choices=["mamba4rec", "mamba"],
+                   help="Mamba init: the paper code's (dt bias 0) or mamba-ssm's log-uniform dt "
+                   "(default mamba4rec)")
     p.add_argument("--num-heads", type=int, default=2, help="SASRec attention heads (default 2)")
     p.add_argument("--dropout", type=float, default=0.4, help="dropout (default 0.4)")
     p.add_argument("--backend", default="auto",
@@ -161,7 +164,7 @@ def _build_model(
         encoder: torch.nn.Module = MambaSequenceEncoder(
             d_model=cfg["d_model"], num_layers=cfg["num_layers"], d_state=cfg["d_state"],
             d_conv=cfg["d_conv"], expand=cfg["expand"], dropout=cfg["dropout"],
-            backend=cfg["backend"], device=device,
+            backend=cfg["backend"], init=cfg.get("init", "mamba4rec"), device=device,
         )
     else:
         encoder = SASRecEncoder(

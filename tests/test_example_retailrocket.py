@@ -1,0 +1,220 @@
+"""The RetailRocket example end to end on a tiny synthetic log, and the real-sessions benchmark's
+skip path, readers and length-bucketed loader.
+
+The end-to-end run is checked against an independent popularity computation read straight from
+the ETL's parquet shards with pandas, so the example's metric plumbing (labels, targets, masks,
+tie-breaking) is tested and not only its output format.
+"""
+
+from __future__ import annotations
+
+import doctest
+import gzip
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ROOT / "examples" / "retailrocket" / "run.py"
+BENCH = ROOT / "benchmarks" / "retailrocket_real.py"
+KS = (1, 10, 20)
+METRIC_KEYS = {f"{m}@{k}" for m in ("hr", "ndcg", "mrr") for k in KS}
+ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def _load(path: Path, name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def example() -> ModuleType:
+    return _load(RUN, "retailrocket_example_run")
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    return _load(BENCH, "retailrocket_real_bench")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path, Path]:
+    """One run of the script on 5,000 synthetic events, 1 epoch, small models."""
+    tmp = tmp_path_factory.mktemp("rr_example")
+    work, out = tmp / "work", tmp / "out"
+    cmd = [
+        sys.executable, str(RUN), "--events", "5000", "--epochs", "1", "--d-model", "16",
+        "--d-state", "8", "--batch-size", "128", "--work-dir", str(work), "--output-dir",
+        str(out), "--no-progress",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    return json.loads(last), work, out
+
+
+def _check_metrics(metrics: dict[str, float], where: str) -> None:
+    assert set(metrics) == METRIC_KEYS, where
+    for key, value in metrics.items():
+        assert 0.0 <= value <= 1.0, f"{where} {key} = {value}"
+    for k in KS:  # the three metrics agree on a hit at rank 0 and shrink in this order
+        assert metrics[f"mrr@{k}"] <= metrics[f"ndcg@{k}"] + 1e-12 <= metrics[f"hr@{k}"] + 2e-12
+    assert metrics["hr@1"] == pytest.approx(metrics["ndcg@1"]) == pytest.approx(metrics["mrr@1"])
+    assert metrics["hr@1"] <= metrics["hr@10"] <= metrics["hr@20"], where
+
+
+def test_example_json_line(tiny_run: tuple[dict[str, Any], Path, Path]) -> None:
+    out, _, out_dir = tiny_run
+    assert {"next_item", "next_category", "popularity", "sasrec", "etl", "seconds"} <= set(out)
+    _check_metrics(out["next_item"], "mamba4rec next_item")
+    _check_metrics(out["next_category"], "mamba4rec next_category")
+    for model in ("popularity", "sasrec"):
+        assert set(out[model]) == {"next_item", "next_category"}
+        for task, metrics in out[model].items():
+            _check_metrics(metrics, f"{model} {task}")
+    etl = out["etl"]
+    assert etl["events_read"] == 5000
+    assert min(etl["rows"][s] for s in ("train", "valid", "test")) > 0
+    assert out["data"] == "synthetic" and out["seconds"] > 0
+    assert out["best_epoch"] == {"mamba4rec": 1, "sasrec": 1}
+    assert (out_dir / "curves.png").stat().st_size > 1000
+    saved = json.loads((out_dir / "results.json").read_text())
+    assert saved["next_item"] == out["next_item"] and len(saved["history"]["sasrec"]) == 1
+
+
+def _popularity_reference(processed: Path, key: str) -> dict[str, float]:
+    """Popularity by train-label count (ties: smaller id first), ranks of the test targets."""
+    def column(split: str) -> pd.Series:
+        files = sorted((processed / split).glob("part_*.parquet"))
+        return pd.concat([pd.read_parquet(f, columns=[f"{key}_list"]) for f in files])[f"{key}_list"]
+
+    train, test = column("train"), column("test")
+    labels = np.concatenate([np.asarray(s)[1:] for s in train])
+    targets = np.array([np.asarray(s)[-1] for s in test])
+    size = int(max(labels.max(), targets.max(), np.concatenate(list(test)).max()))
+    counts = np.bincount(labels, minlength=size + 1)
+    order = sorted(range(1, size + 1), key=lambda i: (-counts[i], i))
+    rank = {item: r for r, item in enumerate(order)}
+    ranks = np.array([rank[t] for t in targets], dtype=np.float64)
+    out = {}
+    for k in KS:
+        hit = ranks < k
+        out[f"hr@{k}"] = hit.mean()
+        out[f"ndcg@{k}"] = (hit / np.log2(ranks + 2)).mean()
+        out[f"mrr@{k}"] = (hit / (ranks + 1)).mean()
+    return out
+
+
+@pytest.mark.parametrize(("task", "key"), [("next_item", "item"), ("next_category", "category")])
+def test_example_popularity_matches_reference(
+    tiny_run: tuple[dict[str, Any], Path, Path], task: str, key: str
+) -> None:
+    out, work, _ = tiny_run
+    ref = _popularity_reference(work / "processed", key)
+    got = out["popularity"][task]
+    torch.testing.assert_close(
+        torch.tensor([got[k] for k in sorted(ref)], dtype=torch.float64),
+        torch.tensor([ref[k] for k in sorted(ref)], dtype=torch.float64),
+    )
+
+
+def test_example_doctests(example: ModuleType) -> None:
+    result = doctest.testmod(example, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 1 and result.failed == 0
+
+
+def test_example_missing_kaggle_files(example: ModuleType, tmp_path: Path) -> None:
+    (tmp_path / "events.csv").write_text("timestamp,visitorid,event,itemid,transactionid\n")
+    with pytest.raises(FileNotFoundError, match=r"lacks \['item_properties_part1.csv'"):
+        example.prepare_raw(tmp_path, tmp_path / "work", events=100, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--models", "mamba4rec,gru4rec"], "--models must name some of"),
+        (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    ],
+)
+def test_example_bad_arguments(example: ModuleType, argv: list[str], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        example.main(argv)
+
+
+def test_example_popularity_scores_total_order(example: ModuleType) -> None:
+    counts = torch.tensor([0.0, 3.0, 1.0, 3.0, 0.0, 7.0])
+    scores = example.popularity_scores(counts)
+    assert scores[0] == -math.inf
+    assert scores[1:].argsort(descending=True).add(1).tolist() == [5, 1, 3, 2, 4]
+    assert len(set(scores[1:].tolist())) == 5  # no ties, so no optimistic tie credit
+
+
+# --- benchmarks/retailrocket_real.py ---------------------------------------------------------------
+def test_bench_skips_without_data(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--data-dir", str(tmp_path / "absent")],
+        capture_output=True, text=True, env=ENV, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("SKIP: ") and "train_sessions.txt.gz" in lines[0]
+    out = json.loads(lines[-1])
+    assert out["skipped"] is True and out["benchmark"] == "retailrocket_real"
+
+
+def test_bench_readers(bench: ModuleType, tmp_path: Path) -> None:
+    sessions = tmp_path / "s.txt.gz"
+    with gzip.open(sessions, "wt") as f:
+        f.write("1 2 3\n4 5\n")
+    assert [s.tolist() for s in bench.read_sessions(sessions)] == [[1, 2, 3], [4, 5]]
+    pairs = tmp_path / "p.tsv.gz"
+    with gzip.open(pairs, "wt") as f:
+        f.write("1 2\t3\n4\t4\n")
+    assert [s.tolist() for s in bench.read_prefix_target(pairs)] == [[1, 2, 3], [4, 4]]
+
+
+@pytest.mark.parametrize(
+    ("reader", "text", "match"),
+    [
+        ("read_sessions", "1 2\n3 x 4\n", r"s\.gz:2: not an integer item id in '3 x 4'"),
+        ("read_sessions", "1 0 2\n", r"s\.gz:1: item id 0 < 1"),
+        ("read_prefix_target", "1 2\t3\n1 2 3\n", r"s\.gz:2: expected 'prefix ids<TAB>target id'"),
+        ("read_prefix_target", "1\t2 3\n", r"s\.gz:1: expected 'prefix ids<TAB>target id'"),
+    ],
+)
+def test_bench_reader_errors(bench: ModuleType, tmp_path: Path, reader: str, text: str,
+                             match: str) -> None:
+    path = tmp_path / "s.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(text)
+    with pytest.raises(ValueError, match=match):
+        getattr(bench, reader)(path)
+
+
+def test_bench_by_length_keeps_rows(bench: ModuleType) -> None:
+    rows = [np.array([5, 6, 7]), np.array([1, 2]), np.array([3, 4, 8, 9]), np.array([2, 1])]
+    out = bench.by_length(rows)
+    assert [r.tolist() for r in out] == [[1, 2], [2, 1], [5, 6, 7], [3, 4, 8, 9]]
+
+
+def test_bench_popularity_metrics(bench: ModuleType) -> None:
+    counts = np.array([0, 5, 9, 5, 0])  # order 2, 1, 3, 4 (ties by id)
+    got = bench.popularity_metrics(counts, np.array([2, 3, 4]))  # ranks 0, 2, 3
+    assert got["hr@10"] == pytest.approx(1.0)
+    assert got["mrr@10"] == pytest.approx((1 + 1 / 3 + 1 / 4) / 3)
+    assert got["ndcg@10"] == pytest.approx((1 + 1 / math.log2(4) + 1 / math.log2(5)) / 3)
