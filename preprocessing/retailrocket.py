@@ -82,6 +82,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CATEGORICAL_COLUMNS",
     "ETLConfig",
+    "RAW_FILES",
     "build_workflow",
     "gpu_available",
     "list_columns",

@@ -133,6 +133,25 @@ def test_example_popularity_matches_reference(
     )
 
 
+def test_example_buckets_only_the_training_loader(
+    example: ModuleType, tiny_run: tuple[dict[str, Any], Path, Path]
+) -> None:
+    _, work, _ = tiny_run
+    splits = example.make_splits(work / "processed", 32, 64, seed=0, bucket=4)
+    assert (splits.train.bucket, splits.train.shuffle) == (4, True)
+    assert not splits.valid.shuffle and not splits.test.shuffle
+    plain = example.make_splits(work / "processed", 32, 64, seed=0).train
+    rows_b, _ = splits.train.epoch_rows(0)
+    rows_p, _ = plain.epoch_rows(0)
+    assert sorted(rows_b.tolist()) == sorted(rows_p.tolist()) and len(splits.train) == len(plain)
+    def mean_spread(loader: Any, rows: np.ndarray) -> float:
+        lens = loader.input_lengths(rows)  # (R,)
+        return float(np.mean([np.ptp(lens[i : i + 32]) for i in range(0, len(lens), 32)]))
+
+    assert mean_spread(splits.train, rows_b) < 0.5 * mean_spread(plain, rows_p)
+    assert example.build_parser().parse_args([]).bucket == example.BUCKET > 0
+
+
 def test_example_doctests(example: ModuleType) -> None:
     result = doctest.testmod(example, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted >= 1 and result.failed == 0
@@ -149,6 +168,7 @@ def test_example_missing_kaggle_files(example: ModuleType, tmp_path: Path) -> No
     [
         (["--models", "mamba4rec,gru4rec"], "--models must name some of"),
         (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+        (["--bucket", "-1"], "--bucket must be >= 0, got -1"),
     ],
 )
 def test_example_bad_arguments(example: ModuleType, argv: list[str], match: str) -> None:

@@ -11,6 +11,7 @@ Steps, top to bottom:
    ``WORK_DIR/processed``;
 3. Mamba4Rec: category embeddings summed into the item embeddings, a next-item and a next-category
    head (tied softmax), all-position loss; early-stopped on validation NDCG@10 (next item);
+   training batches are length-bucketed (``--bucket``, ``ParquetSequenceLoader(bucket=...)``);
 4. the SASRec baseline: the same ``Mamba4Rec`` wrapper, tables, heads, loss and optimizer, with a
    ``SASRecEncoder`` instead of the Mamba stack;
 5. a most-popular baseline: train-label frequencies of items and of categories;
@@ -52,7 +53,6 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 from torchrec_mamba_preprocessing.retailrocket import RAW_FILES, ETLConfig, run_etl  # noqa: E402
 from torchrec_mamba_preprocessing.synthetic import (  # noqa: E402
     SyntheticConfig,
@@ -61,13 +61,11 @@ from torchrec_mamba_preprocessing.synthetic import (  # noqa: E402
 
 from torchrec_mamba.data import ParquetSequenceLoader  # noqa: E402
 from torchrec_mamba.models import (  # noqa: E402
-    FullSoftmaxHead,
     Mamba4Rec,
     Mamba4RecConfig,
     SampledSoftmaxConfig,
     SASRecEncoder,
 )
-from torchrec_mamba.models.mamba4rec import CATEGORY_CANDIDATES  # noqa: E402
 from torchrec_mamba.modules import MambaSequenceEncoder  # noqa: E402
 from torchrec_mamba.train.distributed import (  # noqa: E402
     DistributedContext,
@@ -78,7 +76,7 @@ from torchrec_mamba.train.distributed import (  # noqa: E402
 from torchrec_mamba.train.loop import evaluate, train_one_epoch  # noqa: E402
 from torchrec_mamba.train.metrics import RankingMetrics  # noqa: E402
 
-__all__ = ["KS", "MODELS", "TASKS", "build_parser", "main"]
+__all__ = ["BUCKET", "KS", "MODELS", "TASKS", "build_parser", "main"]
 
 logger = logging.getLogger("retailrocket")
 
@@ -87,6 +85,8 @@ KS = (1, 10, 20)
 TASKS = ("next_item", "next_category")
 MODELS = ("mamba4rec", "sasrec")
 MONITOR = "ndcg@10"
+#: Default ``--bucket``: training batches of similar length (sessions are short, a few long).
+BUCKET = 32
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                        f"{MONITOR} (default 3)")
     train.add_argument("--batch-size", type=int, default=256, help="training rows (default 256)")
     train.add_argument("--eval-batch-size", type=int, default=512, help="default 512")
+    train.add_argument("--bucket", type=int, default=BUCKET,
+                       help="length-bucket training batches: sort runs of BUCKET batches by "
+                       f"length, then shuffle the batches; 0 turns it off (default {BUCKET})")
     train.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (default 5e-3)")
     train.add_argument("--device", default=None, choices=["cpu", "cuda"],
                        help="default: cuda when available")
@@ -204,8 +207,21 @@ class Splits:
     num_categories: int
 
 
-def make_splits(processed: Path, batch_size: int, eval_batch_size: int, seed: int) -> Splits:
-    """Loaders over ``processed/{train,valid,test}`` with keys item and category."""
+def make_splits(processed: Path, batch_size: int, eval_batch_size: int, seed: int,
+                bucket: int = 0) -> Splits:
+    """Loaders over ``processed/{train,valid,test}`` with keys item and category.
+
+    Args:
+        processed (Path): the ETL output folder.
+        batch_size (int): training rows per batch.
+        eval_batch_size (int): validation and test rows per batch.
+        seed (int): training shuffle seed.
+        bucket (int): length bucketing of the training batches
+            (``ParquetSequenceLoader(bucket=...)``); 0 turns it off. Default: 0.
+
+    Returns:
+        Splits: the three loaders and the table sizes.
+    """
     keys = ("item", "category")
     for name in ("train", "valid", "test"):
         if not list((processed / name).glob("*.parquet")):
@@ -214,7 +230,8 @@ def make_splits(processed: Path, batch_size: int, eval_batch_size: int, seed: in
                 "or too short for the time split (try more --events or fewer --test-days / "
                 "--valid-days)"
             )
-    train = ParquetSequenceLoader(processed / "train", batch_size, keys=keys, seed=seed)
+    train = ParquetSequenceLoader(processed / "train", batch_size, keys=keys, seed=seed,
+                                  bucket=bucket)
     valid = ParquetSequenceLoader(processed / "valid", eval_batch_size, keys=keys, mode="eval")
     test = ParquetSequenceLoader(processed / "test", eval_batch_size, keys=keys, mode="eval")
     # one id space for all splits (the ETL fits its vocabularies on every split); take the max
@@ -264,17 +281,6 @@ def build_model(kind: str, splits: Splits, args: argparse.Namespace, item_counts
     return Mamba4Rec(config, encoder, item_counts=item_counts.float(), device=device)
 
 
-def category_embeddings(model: Mamba4Rec) -> Tensor:
-    """(C, D) embeddings of categories 1..C, looked up through the model's EC (tied head)."""
-    device = next(model.parameters()).device
-    keys = list(model.feature_keys)
-    ids = torch.arange(1, model.config.num_categories + 1, device=device)  # (C,)
-    lengths = torch.zeros(len(keys), dtype=torch.int32, device=device)  # one row per key
-    lengths[keys.index(CATEGORY_CANDIDATES)] = ids.numel()
-    kjt = KeyedJaggedTensor(keys=keys, values=ids, lengths=lengths)
-    return model.ec(kjt)[CATEGORY_CANDIDATES].values()
-
-
 @torch.no_grad()
 def evaluate_categories(model: Mamba4Rec, loader: ParquetSequenceLoader,
                         device: torch.device) -> dict[str, float]:
@@ -282,12 +288,11 @@ def evaluate_categories(model: Mamba4Rec, loader: ParquetSequenceLoader,
     was_training = model.training
     model.eval()
     try:
-        cats = category_embeddings(model)  # (C, D)
+        cats = model.category_embeddings()  # (C, D), one table read for the whole loader
         metrics = RankingMetrics(ks=KS, device="cpu")
         for batch in loader:
             batch = batch.to(device)
-            user = model.user_representation(batch)  # (B, D)
-            scores = FullSoftmaxHead.scores(user, cats)  # (B, C + 1)
+            scores = model.category_scores(batch, category_embeddings=cats)  # (B, C + 1)
             metrics.update(scores, batch.targets("category"), mask=batch.mask)
         return metrics.compute()
     finally:
@@ -449,6 +454,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name in ("epochs", "patience", "batch_size", "eval_batch_size", "d_model"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.bucket < 0:
+        raise ValueError(f"--bucket must be >= 0, got {args.bucket}")
     _setup_logging()
     start = time.perf_counter()
     ctx = init_distributed(device=args.device)
@@ -458,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     etl_config = ETLConfig(max_len=args.max_len, test_days=args.test_days,
                            valid_days=args.valid_days)
     report = run_etl(raw, processed, etl_config)
-    splits = make_splits(processed, args.batch_size, args.eval_batch_size, args.seed)
+    splits = make_splits(processed, args.batch_size, args.eval_batch_size, args.seed, args.bucket)
     logger.info("%d items, %d categories; rows train %d, valid %d, test %d",
                 splits.num_items, splits.num_categories, splits.train.num_rows,
                 splits.valid.num_rows, splits.test.num_rows)

@@ -203,3 +203,84 @@ def test_rows_without_a_target_are_rejected(tmp_path: Path) -> None:
     pd.DataFrame({"item_list": [[3, 0]]}).to_parquet(tmp_path / "part_0.parquet")
     with pytest.raises(ValueError, match=r"item_list holds id 0 < 1 \(0 is padding\)"):
         ParquetSequenceLoader(tmp_path, 4, keys=("item",))
+
+
+@pytest.fixture()
+def long_shards(tmp_path: Path) -> Path:
+    """Four shards (62, 61, 60, 58 rows) of 2 to 40 events; visitorid = global row number."""
+    rng = np.random.default_rng(4)
+    start = 0
+    for i, n in enumerate([62, 61, 60, 58]):
+        items = [rng.integers(3, 40, int(k)).tolist() for k in rng.integers(2, 41, n)]
+        pd.DataFrame(
+            {"item_list": items, "visitorid": np.arange(start, start + n, dtype=np.int64)}
+        ).to_parquet(tmp_path / f"part_{i}.parquet")
+        start += n
+    return tmp_path
+
+
+def _spread(loader: ParquetSequenceLoader, epoch: int = 0) -> float:
+    """Mean (longest - shortest input) per batch, from the served batches."""
+    loader.set_epoch(epoch)
+    spreads = [int(np.ptp(b.features["item"].lengths().numpy())) for b in loader]
+    return float(np.mean(spreads))
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_bucketing_serves_every_row_once_in_length_sorted_batches(
+    long_shards: Path, world_size: int
+) -> None:
+    """W = 2 splits by file, W = 3 by row (4 files); both repeat rows for balance."""
+    users, counts = [], []
+    for rank in range(world_size):
+        kw = dict(rank=rank, world_size=world_size, seed=3, keys=("item",), max_len=30)
+        plain = ParquetSequenceLoader(long_shards, 8, **kw)
+        bucketed = ParquetSequenceLoader(long_shards, 8, bucket=4, **kw)
+        rows_p, real_p = plain.epoch_rows(0)
+        rows_b, real_b = bucketed.epoch_rows(0)
+        # the same (row, real) entries, reordered; same batch count as without bucketing
+        assert sorted(zip(rows_b.tolist(), real_b.tolist(), strict=True)) == sorted(
+            zip(rows_p.tolist(), real_p.tolist(), strict=True)
+        )
+        assert len(bucketed) == len(plain)
+        batches = list(bucketed)
+        counts.append(len(batches))
+        for b in batches:
+            keep = torch.ones(b.batch_size, dtype=torch.bool) if b.mask is None else b.mask
+            users += b.user[keep].tolist()
+        assert _spread(bucketed) < 0.5 * _spread(plain)
+    assert len(set(counts)) == 1, counts
+    assert sorted(users) == list(range(241))  # every row real exactly once over the ranks
+
+
+def test_bucketing_sorts_by_truncated_length(long_shards: Path) -> None:
+    """With bucket spanning the whole epoch, batches are runs of the sorted truncated lengths."""
+    loader = ParquetSequenceLoader(long_shards, 8, keys=("item",), max_len=10, bucket=100)
+    rows, _ = loader.epoch_rows(0)
+    lens = loader.input_lengths(rows)  # (R,)
+    want = np.sort(lens)
+    full = len(rows) // 8
+    batches = sorted(lens[: full * 8].reshape(full, 8).tolist())
+    assert batches == want[: full * 8].reshape(full, 8).tolist()
+    np.testing.assert_array_equal(lens[full * 8 :], want[full * 8 :])  # short last batch last
+    assert lens.max() == 10 and lens.min() >= 1
+
+
+def test_bucketing_is_deterministic_and_varies_by_epoch(long_shards: Path) -> None:
+    a = ParquetSequenceLoader(long_shards, 8, keys=("item",), seed=5, bucket=2)
+    b = ParquetSequenceLoader(long_shards, 8, keys=("item",), seed=5, bucket=2)
+    np.testing.assert_array_equal(a.epoch_rows(0)[0], b.epoch_rows(0)[0])
+    assert not np.array_equal(a.epoch_rows(0)[0], a.epoch_rows(1)[0])
+    first = [u for batch in a for u in batch.user.tolist()]
+    assert first == [u for batch in b for u in batch.user.tolist()]
+    assert first == a.epoch_rows(0)[0].tolist()  # row i of the rank is visitorid i (W = 1)
+
+
+def test_bucket_needs_shuffle_and_is_validated(long_shards: Path) -> None:
+    plain = ParquetSequenceLoader(long_shards, 8, keys=("item",), mode="eval")
+    ignored = ParquetSequenceLoader(long_shards, 8, keys=("item",), mode="eval", bucket=4)
+    np.testing.assert_array_equal(plain.epoch_rows(0)[0], ignored.epoch_rows(0)[0])
+    with pytest.raises(ValueError, match="bucket must be an int >= 0, got -1"):
+        ParquetSequenceLoader(long_shards, 8, keys=("item",), bucket=-1)
+    with pytest.raises(ValueError, match="bucket must be an int >= 0, got 2.0"):
+        ParquetSequenceLoader(long_shards, 8, keys=("item",), bucket=2.0)  # type: ignore[arg-type]

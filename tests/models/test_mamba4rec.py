@@ -335,3 +335,43 @@ def test_forward_is_fx_traceable_with_lookups_on_the_batch() -> None:
         arg = calls[name].args[0]
         assert arg.op == "call_function" and arg.args[1] == attr  # getattr(batch, attr)
         assert arg.args[0].op == "placeholder"
+
+
+CATS = ([[1, 1, 2, 2], [3, 3], [1, 2, 3]], [[1, 2, 2, 3], [3, 0], [2, 3, 1]])
+
+
+@pytest.mark.parametrize("category_loss_weight", [0.0, 0.5])
+def test_category_embeddings_and_scores(category_loss_weight: float) -> None:
+    """Rows 1..C of the category table through the EC; scores = user @ table[1:].T, -inf at 0."""
+    model = make_model(
+        num_categories=3, category_loss_weight=category_loss_weight, candidate_chunk_size=2
+    ).eval()
+    batch = make_batch(categories=CATS)
+    cat_t = model.ec.embeddings["category"].weight  # (C + 1, D)
+    with torch.no_grad():
+        emb = model.category_embeddings()  # (C, D)
+        scores = model.category_scores(batch)  # (B, C + 1)
+        # independent user vectors: fused input by direct indexing, last real position
+        item_t = model.ec.embeddings["item"].weight
+        ids, lengths = batch.padded("item")
+        cids, _ = batch.padded("category")
+        h = model.encoder((item_t[ids] + cat_t[cids]) * (ids > 0)[..., None], lengths)
+        user = h[torch.arange(3), lengths - 1]  # (B, D)
+        reused = model.category_scores(batch, category_embeddings=emb)
+    assert_close(emb, cat_t[1:])
+    assert scores.shape == (3, 4)
+    assert bool(torch.isneginf(scores[:, 0]).all())
+    assert_close(scores[:, 1:], user @ cat_t[1:].T)
+    assert_close(reused, scores)
+
+
+def test_category_api_needs_a_category_table() -> None:
+    model = make_model().eval()
+    need = r"\(\) needs a category table, but this model has num_categories=0"
+    with pytest.raises(ValueError, match="category_embeddings" + need):
+        model.category_embeddings()
+    with pytest.raises(ValueError, match="category_scores" + need):
+        model.category_scores(make_batch())
+    with_table = make_model(num_categories=3).eval()
+    with pytest.raises(ValueError, match="batch.features lacks key 'category'"):
+        with_table.category_scores(make_batch())

@@ -43,9 +43,59 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_mamba.data.batch import SequenceBatch
 from torchrec_mamba.data.split import SplitPart
 
-__all__ = ["SequenceLoader"]
+__all__ = ["SequenceLoader", "bucket_by_length"]
 
 logger = logging.getLogger(__name__)
+
+
+def bucket_by_length(
+    rows: np.ndarray,
+    real: np.ndarray,
+    lengths: np.ndarray,
+    batch_size: int,
+    bucket: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Length-bucket an epoch's row order: sort runs of ``bucket`` batches, then shuffle batches.
+
+    Each run of ``bucket * batch_size`` consecutive entries of ``rows`` is sorted by length
+    (stable), then the full batches of ``batch_size`` entries are put in a random order drawn from
+    ``rng``; a short last batch stays last. The same entries are returned, each with its ``real``
+    flag, so rank balance (same count on every rank) and ``batch.mask`` are unchanged. Shared by
+    :class:`SequenceLoader` and :class:`~torchrec_mamba.data.parquet.ParquetSequenceLoader`.
+
+    Args:
+        rows (np.ndarray): ``(R,)`` row indices in epoch order (already shuffled).
+        real (np.ndarray): ``(R,)`` bool, ``False`` on rows repeated for rank balance.
+        lengths (np.ndarray): ``(R,)`` length of each entry of ``rows`` (what the batch pads to).
+        batch_size (int): entries per batch, ``>= 1``.
+        bucket (int): batches per sorted run, ``>= 1``.
+        rng (np.random.Generator): draws the batch order (seed it the same way on resume).
+
+    Example::
+
+        >>> lengths = np.array([5, 1, 4, 2, 6, 3])
+        >>> rows, real = bucket_by_length(np.arange(6), np.ones(6, dtype=bool), lengths,
+        ...                               batch_size=2, bucket=3, rng=np.random.default_rng(0))
+        >>> lengths[rows].reshape(3, 2).tolist()  # batches of similar lengths, in random order
+        [[5, 6], [1, 2], [3, 4]]
+
+    Returns:
+        tuple[np.ndarray, np.ndarray]: the reordered ``rows`` and ``real``, each ``(R,)``.
+    """
+    bs, span = batch_size, bucket * batch_size
+    order = np.concatenate(
+        [start + np.argsort(lengths[start : start + span], kind="stable")
+         for start in range(0, len(rows), span)]
+    ) if len(rows) else np.zeros(0, dtype=np.int64)
+    rows, real = rows[order], real[order]
+    # Shuffle full batches only; a short last batch stays last so batch sizes keep their order.
+    full = len(rows) // bs
+    perm = rng.permutation(full)
+    idx = np.concatenate(
+        [(perm[:, None] * bs + np.arange(bs)).ravel(), np.arange(full * bs, len(rows))]
+    )
+    return rows[idx], real[idx]
 
 
 class SequenceLoader:
@@ -222,18 +272,9 @@ class SequenceLoader:
 
     def _bucketed(self, rows: np.ndarray, real: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """Sort runs of ``bucket * batch_size`` rows by length, then shuffle whole batches."""
-        bs, span = self.batch_size, self.bucket * self.batch_size
         lengths = np.diff(self.part.offsets)[rows]  # (R,)
-        order = np.concatenate(
-            [start + np.argsort(lengths[start : start + span], kind="stable")
-             for start in range(0, len(rows), span)]
-        ) if len(rows) else np.zeros(0, dtype=np.int64)
-        rows, real = rows[order], real[order]
-        # Shuffle full batches only; a short last batch stays last so batch sizes keep their order.
-        full = len(rows) // bs
-        perm = np.random.default_rng((self.seed, epoch, 1)).permutation(full)
-        idx = np.concatenate([(perm[:, None] * bs + np.arange(bs)).ravel(), np.arange(full * bs, len(rows))])
-        return rows[idx], real[idx]
+        rng = np.random.default_rng((self.seed, epoch, 1))
+        return bucket_by_length(rows, real, lengths, self.batch_size, self.bucket, rng)
 
     def __iter__(self) -> Iterator[SequenceBatch]:
         rows, real = self.epoch_rows(self._epoch)

@@ -20,6 +20,11 @@ Rank balance, the same on every rank without communication:
   ``batch.mask == False`` (evaluation must drop them). So every rank yields the same number of
   batches and no rank ever waits for a batch another rank lacks.
 
+``bucket > 0`` (training) length-buckets the shuffled order of each rank, as
+:class:`~torchrec_mamba.data.loader.SequenceLoader` does, with the same shared helper
+(:func:`~torchrec_mamba.data.loader.bucket_by_length`); it only reorders a rank's rows, so the
+two guarantees above hold unchanged.
+
 Truncation and padding happen here, not in the ETL (NVTabular's CPU ``ListSlice(pad=True)`` fails
 silently on rows read back from parquet): rows keep their last ``max_len + 1`` events, so inputs
 have at most ``max_len`` ids; batches are jagged and :meth:`SequenceBatch.padded` pads with 0.
@@ -40,6 +45,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_mamba.data.batch import SequenceBatch
+from torchrec_mamba.data.loader import bucket_by_length
 
 __all__ = ["ParquetSequenceLoader", "read_vocab_sizes", "shard_files"]
 
@@ -130,6 +136,12 @@ class ParquetSequenceLoader:
             Default: None.
         seed (int): shuffle seed, the same on every rank. Default: 0.
         mode (str): ``"train"`` or ``"eval"`` (see the module docstring). Default: ``"train"``.
+        bucket (int): with ``shuffle``, sort each run of ``bucket * batch_size`` shuffled rows by
+            input length (after ``max_len`` truncation) before cutting batches, then shuffle the
+            batch order (:func:`~torchrec_mamba.data.loader.bucket_by_length`, as in
+            :class:`~torchrec_mamba.data.loader.SequenceLoader`). Batches then hold rows of
+            similar length, so far less padding reaches the encoder. Without ``shuffle`` it has
+            no effect. 0 turns it off. Default: 0.
 
     Example::
 
@@ -159,6 +171,7 @@ class ParquetSequenceLoader:
         shuffle: bool | None = None,
         seed: int = 0,
         mode: str = "train",
+        bucket: int = 0,
     ) -> None:
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
@@ -168,6 +181,8 @@ class ParquetSequenceLoader:
             raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
         if not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+        if not isinstance(bucket, int) or bucket < 0:
+            raise ValueError(f"bucket must be an int >= 0, got {bucket!r}")
         if max_len is not None and max_len < 1:
             raise ValueError(f"max_len must be >= 1 or None, got {max_len}")
         keys = tuple(keys)
@@ -185,6 +200,7 @@ class ParquetSequenceLoader:
         self.mode = mode
         self.shuffle = (mode == "train") if shuffle is None else bool(shuffle)
         self.seed = seed
+        self.bucket = bucket
         self._epoch = 0
 
         counts = [_num_rows(f) for f in self.files]
@@ -273,6 +289,9 @@ class ParquetSequenceLoader:
     def epoch_rows(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """Row order of this rank for ``epoch`` and whether each entry is real (not a repeat).
 
+        Args:
+            epoch (int): the epoch; it seeds the shuffle and the bucketed batch order.
+
         Returns:
             tuple[np.ndarray, np.ndarray]: ``(max rows per rank,)`` row indices and bool mask.
         """
@@ -290,8 +309,27 @@ class ParquetSequenceLoader:
             if self.shuffle
             else np.arange(n)
         )
-        real = np.arange(total) < n
-        return np.resize(order, total), real
+        rows, real = np.resize(order, total), np.arange(total) < n
+        if self.shuffle and self.bucket > 0:
+            rng = np.random.default_rng((self.seed, epoch, self.rank, 1))
+            rows, real = bucket_by_length(
+                rows, real, self.input_lengths(rows), self.batch_size, self.bucket, rng
+            )
+        return rows, real
+
+    def input_lengths(self, rows: np.ndarray) -> np.ndarray:
+        """Input length of each given row after truncation to ``max_len`` (events minus one).
+
+        Args:
+            rows (np.ndarray): ``(B,)`` row indices of this rank.
+
+        Returns:
+            np.ndarray: ``(B,)`` int64.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        full = self._offsets[rows + 1] - self._offsets[rows]  # (B,) events per row
+        keep = full if self.max_len is None else np.minimum(full, self.max_len + 1)
+        return keep - 1
 
     def __iter__(self) -> Iterator[SequenceBatch]:
         rows, real = self.epoch_rows(self._epoch)
@@ -313,10 +351,8 @@ class ParquetSequenceLoader:
         """
         rows = np.asarray(rows, dtype=np.int64)
         end = self._offsets[rows + 1]  # (B,)
-        full = end - self._offsets[rows]  # (B,) events per row
-        keep = full if self.max_len is None else np.minimum(full, self.max_len + 1)
-        lens = keep - 1  # (B,) input lengths
-        start = end - keep  # (B,) first kept event
+        lens = self.input_lengths(rows)  # (B,) input lengths
+        start = end - lens - 1  # (B,) first kept event
         total = int(lens.sum())
         idx = np.repeat(start - (np.cumsum(lens) - lens), lens) + np.arange(total)  # (T,)
         inputs = np.concatenate([self._values[k][idx] for k in self.keys])  # (K*T,)

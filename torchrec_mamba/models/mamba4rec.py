@@ -591,11 +591,42 @@ class Mamba4Rec(nn.Module):
         Returns:
             Tensor: (I, D), row ``j`` is item ``j + 1``.
         """
-        cfg = self.config
+        return self._table_embeddings(ITEM_CANDIDATES, self.config.num_items)
+
+    def category_embeddings(self) -> Tensor:
+        """(C, D) embeddings of categories 1..C, through the EC like :meth:`item_embeddings`.
+
+        These are the candidates of the tied next-category head (the category table also feeds
+        the input fusion, so they exist with or without ``category_loss_weight``).
+
+        Example::
+
+            >>> from torchrec_mamba.modules import MambaSequenceEncoder
+            >>> enc = MambaSequenceEncoder(d_model=8, d_state=4, backend="reference")
+            >>> cfg = Mamba4RecConfig(num_items=20, embedding_dim=8, num_categories=5)
+            >>> Mamba4Rec(cfg, enc).category_embeddings().shape
+            torch.Size([5, 8])
+
+        Returns:
+            Tensor: (C, D), row ``j`` is category ``j + 1``.
+        """
+        self._require_categories("category_embeddings")
+        return self._table_embeddings(CATEGORY_CANDIDATES, self.config.num_categories)
+
+    def _require_categories(self, what: str) -> None:
+        if self.config.num_categories == 0:
+            raise ValueError(
+                f"{what}() needs a category table, but this model has num_categories=0 "
+                "(build it with Mamba4RecConfig(num_categories=C))"
+            )
+
+    def _table_embeddings(self, key: str, count: int) -> Tensor:
+        """(count, D) embeddings of ids 1..count under candidate ``key``, in chunks."""
+        chunk = self.config.candidate_chunk_size
         chunks = []
-        for start in range(1, cfg.num_items + 1, cfg.candidate_chunk_size):
-            ids = torch.arange(start, min(start + cfg.candidate_chunk_size, cfg.num_items + 1))
-            chunks.append(self._lookup(ITEM_CANDIDATES, ids))  # (chunk, D)
+        for start in range(1, count + 1, chunk):
+            ids = torch.arange(start, min(start + chunk, count + 1))
+            chunks.append(self._lookup(key, ids))  # (chunk, D)
         return torch.cat(chunks)
 
     def _lookup(self, key: str, ids: Tensor) -> Tensor:
@@ -625,6 +656,43 @@ class Mamba4Rec(nn.Module):
         """
         user = self.user_representation(batch)  # (B, D)
         cand = self.item_embeddings() if item_embeddings is None else item_embeddings  # (I, D)
+        return FullSoftmaxHead.scores(user, cand.to(user.device))
+
+    def category_scores(
+        self, batch: SequenceBatch, category_embeddings: Tensor | None = None
+    ) -> Tensor:
+        """Full-ranking scores of every category for every row (eval mode, under no_grad).
+
+        The next-category counterpart of :meth:`score`: the same user vectors, ranked against
+        the category table (the tied category head).
+
+        Args:
+            batch (SequenceBatch): a raw batch with feature key ``"category"``.
+            category_embeddings (Tensor | None): (C, D) from :meth:`category_embeddings`, to
+                reuse one table read over a whole evaluation. Default: None (read it now).
+
+        Example::
+
+            >>> from torchrec_mamba.modules import MambaSequenceEncoder
+            >>> from torchrec_mamba.data import SequenceBatch
+            >>> enc = MambaSequenceEncoder(d_model=8, d_state=4, backend="reference")
+            >>> cfg = Mamba4RecConfig(num_items=20, embedding_dim=8, num_categories=5)
+            >>> model = Mamba4Rec(cfg, enc).eval()
+            >>> kjt = KeyedJaggedTensor.from_lengths_sync(
+            ...     ["item", "category"], torch.tensor([1, 2, 3, 4, 1, 1, 2, 3]),
+            ...     torch.tensor([3, 1, 3, 1], dtype=torch.int32))
+            >>> scores = model.category_scores(SequenceBatch(features=kjt, labels=kjt))
+            >>> scores.shape, bool(torch.isneginf(scores[:, 0]).all())
+            (torch.Size([2, 6]), True)
+
+        Returns:
+            Tensor: (B, C + 1) dot-product scores; column 0 (padding) is ``-inf``.
+        """
+        self._require_categories("category_scores")
+        user = self.user_representation(batch)  # (B, D)
+        cand = (  # (C, D)
+            self.category_embeddings() if category_embeddings is None else category_embeddings
+        )
         return FullSoftmaxHead.scores(user, cand.to(user.device))
 
 
