@@ -56,9 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", required=True, help="folder for metrics.json")
     _add_model_args(train)
     _add_run_args(train)
-    train.add_argument("--epochs", type=int, default=100, help="maximum epochs (default 100)")
-    train.add_argument("--patience", type=int, default=10, help="early-stopping patience (default 10)")
-    train.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    train.add_argument("--epochs", type=int, default=60, help="maximum epochs (default 60)")
+    train.add_argument("--patience", type=int, default=5, help="early-stopping patience (default 5)")
+    train.add_argument("--lr", type=float, default=2e-3, help="learning rate (default 2e-3)")
     train.add_argument("--weight-decay", type=float, default=0.0,
                        help="AdamW decay of dense weights (default 0: Adam)")
     train.add_argument("--embedding-optimizer", default="auto",
@@ -67,10 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "CPU where FBGEMM has no fused Adam (default auto)")
     train.add_argument("--embedding-lr", type=float, default=None,
                        help="table learning rate (default: --lr for adam, 0.05 for adagrad)")
-    train.add_argument("--batch-size", type=int, default=256, help="training rows per rank (default 256)")
-    train.add_argument("--length-buckets", type=int, default=0, metavar="K",
+    train.add_argument("--batch-size", type=int, default=128, help="training rows per rank (default 128)")
+    train.add_argument("--length-buckets", type=int, default=16, metavar="K",
                        help="sort each run of K training batches by length before batching, so "
-                       "batches carry little padding (default 0: off)")
+                       "batches carry little padding; 0 turns it off (default 16)")
     train.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     train.add_argument("--pipeline", default="auto", choices=["auto", "sparse_dist", "base", "plain"],
                        help="training loop (default auto: sparse_dist when sharded, else plain)")
@@ -90,7 +90,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, default=50, help="longest input sequence (default 50)")
     p.add_argument("--d-model", type=int, default=64, help="embedding / model width (default 64)")
     p.add_argument("--num-layers", type=int, default=None,
-                   help="encoder layers (default 1 for mamba4rec, 2 for sasrec)")
+                   help="encoder layers (default 2)")
     p.add_argument("--d-state", type=int, default=32, help="SSM state size (default 32)")
     p.add_argument("--d-conv", type=int, default=4, help="conv width (default 4)")
     p.add_argument("--expand", type=int, default=2, help="Mamba inner expansion (default 2)")
@@ -98,7 +98,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="Mamba init: the paper code's (dt bias 0) or mamba-ssm's log-uniform dt "
                    "(default mamba4rec)")
     p.add_argument("--num-heads", type=int, default=2, help="SASRec attention heads (default 2)")
-    p.add_argument("--dropout", type=float, default=0.4, help="dropout (default 0.4)")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="dropout (default 0.3 for mamba4rec, 0.4 for sasrec: each model's best "
+                   "on Beauty's validation split, docs/benchmarks.md)")
     p.add_argument("--backend", default="auto",
                    choices=["auto", "fused", "cpu", "chunked", "reference"],
                    help="selective-scan backend (default auto)")
@@ -231,8 +233,11 @@ def _prepare_run(cfg: dict[str, Any], ctx: DistributedContext):  # type: ignore[
     _seed_everything(cfg["seed"])
     data = _load_data(cfg["data"])
     split, train, valid, test = _loaders(cfg, data, ctx)
+    # Defaults chosen on Amazon Beauty's validation split (docs/benchmarks.md, "Quality").
     if cfg["num_layers"] is None:
-        cfg["num_layers"] = 1 if cfg["model"] == "mamba4rec" else 2
+        cfg["num_layers"] = 2
+    if cfg["dropout"] is None:
+        cfg["dropout"] = 0.3 if cfg["model"] == "mamba4rec" else 0.4
     model: Any = _build_model(cfg, data, split.train.values, ctx)
     lr = cfg.get("lr", 1e-3)
     sharded = cfg["sharding"] is not None
