@@ -23,17 +23,17 @@ import_error: str = ""
 conv_import_error: str = ""
 
 try:  # pragma: no cover - needs a CUDA build of mamba-ssm
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # type: ignore[no-redef]
-    from mamba_ssm.ops.triton.selective_state_update import (  # type: ignore[no-redef]
+    from mamba_ssm import Mamba  # type: ignore[no-redef]  # noqa: F401 (re-exported)
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # type: ignore[no-redef]  # noqa: F401 (re-exported)
+    from mamba_ssm.ops.triton.selective_state_update import (  # type: ignore[no-redef]  # noqa: F401 (re-exported)
         selective_state_update as selective_state_update_fn,
     )
-    from mamba_ssm import Mamba  # type: ignore[no-redef]
 except (ImportError, RuntimeError, OSError) as exc:
     import_error = f"{type(exc).__name__}: {exc}"
 
 try:  # pragma: no cover - needs a CUDA build of causal-conv1d
-    from causal_conv1d import causal_conv1d_fn  # type: ignore[no-redef]
-    from causal_conv1d import causal_conv1d_update as causal_conv1d_update_fn  # type: ignore[no-redef]
+    from causal_conv1d import causal_conv1d_fn  # type: ignore[no-redef]  # noqa: F401 (re-exported)
+    from causal_conv1d import causal_conv1d_update as causal_conv1d_update_fn  # type: ignore[no-redef]  # noqa: F401 (re-exported)
 except (ImportError, RuntimeError, OSError) as exc:
     conv_import_error = f"{type(exc).__name__}: {exc}"
 
