@@ -99,7 +99,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "(default mamba4rec)")
     p.add_argument("--num-heads", type=int, default=2, help="SASRec attention heads (default 2)")
     p.add_argument("--dropout", type=float, default=None,
-                   help="dropout (default 0.3 for mamba4rec, 0.4 for sasrec: each model's best "
+                   help="dropout (default 0.5 for mamba4rec, 0.4 for sasrec: each model's best "
                    "on Beauty's validation split, docs/benchmarks.md)")
     p.add_argument("--backend", default="auto",
                    choices=["auto", "fused", "cpu", "chunked", "reference"],
@@ -237,7 +237,7 @@ def _prepare_run(cfg: dict[str, Any], ctx: DistributedContext):  # type: ignore[
     if cfg["num_layers"] is None:
         cfg["num_layers"] = 2
     if cfg["dropout"] is None:
-        cfg["dropout"] = 0.3 if cfg["model"] == "mamba4rec" else 0.4
+        cfg["dropout"] = 0.5 if cfg["model"] == "mamba4rec" else 0.4
     model: Any = _build_model(cfg, data, split.train.values, ctx)
     lr = cfg.get("lr", 1e-3)
     sharded = cfg["sharding"] is not None
