@@ -43,7 +43,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_mamba.data.batch import SequenceBatch
 from torchrec_mamba.data.split import SplitPart
 
-__all__ = ["SequenceLoader", "bucket_by_length"]
+__all__ = ["SequenceLoader", "bucket_by_length", "check_batching_args"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,25 @@ def bucket_by_length(
     return rows[idx], real[idx]
 
 
+
+def check_batching_args(batch_size: int, rank: int, world_size: int, bucket: int) -> None:
+    """Validate the batching arguments both loaders share; raise a ValueError naming the value.
+
+    Args:
+        batch_size (int): rows per batch, ``>= 1``.
+        rank (int): this process's rank, in ``[0, world_size)``.
+        world_size (int): number of ranks, ``>= 1``.
+        bucket (int): length-bucketing span in batches, ``>= 0``.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+    if not isinstance(bucket, int) or bucket < 0:
+        raise ValueError(f"bucket must be an int >= 0, got {bucket!r}")
+
 class SequenceLoader:
     """Iterate a split part as :class:`SequenceBatch` es, in a seeded, resumable, rank-balanced order.
 
@@ -144,16 +163,9 @@ class SequenceLoader:
     ) -> None:
         if not isinstance(split_part, SplitPart):
             raise TypeError(f"split_part must be a SplitPart, got {type(split_part).__name__}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        if not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
-        if not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+        check_batching_args(batch_size, rank, world_size, bucket)
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-        if not isinstance(bucket, int) or bucket < 0:
-            raise ValueError(f"bucket must be an int >= 0, got {bucket!r}")
         if with_category and split_part.item_category is None:
             raise ValueError(
                 f"with_category=True but part {split_part.name!r} has no item categories "

@@ -45,7 +45,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_mamba.data.batch import SequenceBatch
-from torchrec_mamba.data.loader import bucket_by_length
+from torchrec_mamba.data.loader import bucket_by_length, check_batching_args
 
 __all__ = ["ParquetSequenceLoader", "read_vocab_sizes", "shard_files"]
 
@@ -175,14 +175,7 @@ class ParquetSequenceLoader:
     ) -> None:
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        if not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
-        if not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
-        if not isinstance(bucket, int) or bucket < 0:
-            raise ValueError(f"bucket must be an int >= 0, got {bucket!r}")
+        check_batching_args(batch_size, rank, world_size, bucket)
         if max_len is not None and max_len < 1:
             raise ValueError(f"max_len must be >= 1 or None, got {max_len}")
         keys = tuple(keys)
