@@ -23,95 +23,18 @@ import torch
 from torch import Tensor, nn
 
 from torchrec_mamba.modules.feed_forward import FastDropout, FeedForward
-from torchrec_mamba.modules.mamba_block import MambaBlock, MambaState, check_lengths, check_padded
+from torchrec_mamba.modules.mamba_block import MambaBlock, MambaState
+from torchrec_mamba.modules.sequence import as_padded, gather_last, padding_mask
 
 if TYPE_CHECKING:
     from torchrec.sparse.jagged_tensor import JaggedTensor
 
 logger = logging.getLogger(__name__)
 
+# as_padded and gather_last live in modules.sequence; re-exported here for old imports.
 __all__ = ["MambaEncoderLayer", "MambaSequenceEncoder", "as_padded", "gather_last"]
 
 _LN_EPS = 1e-12  # Mamba4Rec's LayerNorm epsilon
-
-
-def as_padded(
-    x: Tensor | JaggedTensor, lengths: Tensor | None, d_model: int, owner: str
-) -> tuple[Tensor, Tensor | None]:
-    """Validate a sequence batch and return it right-padded, with its lengths.
-
-    Args:
-        x (Tensor | JaggedTensor): (B, L, D) right-padded embeddings, or a torchrec
-            ``JaggedTensor`` with (total, D) values and B lengths.
-        lengths (Tensor, optional): (B,) integer lengths for a padded ``x``; must be None for a
-            ``JaggedTensor``, which carries its own.
-        d_model (int): expected width D.
-        owner (str): name used in error messages.
-
-    Returns:
-        tuple: padded (B, L, D) (L = the longest length for jagged input, zeros after each
-        length) and lengths (B,) or None.
-
-    Raises:
-        TypeError: wrong types or dtypes.
-        ValueError: wrong shapes or lengths outside [0, L].
-    """
-    if isinstance(x, Tensor):
-        check_padded(x, d_model, owner)
-        if lengths is not None:
-            check_lengths(lengths, x.shape[0], x.shape[1], owner)
-        return x, lengths
-    try:
-        from torchrec.sparse.jagged_tensor import JaggedTensor
-    except ImportError:  # pragma: no cover - torchrec is a dependency
-        JaggedTensor = None  # type: ignore[assignment,misc]
-    if JaggedTensor is None or not isinstance(x, JaggedTensor):
-        raise TypeError(
-            f"{owner}: x must be a (B, L, D) torch.Tensor or a torchrec JaggedTensor, got {type(x).__name__}"
-        )
-    if lengths is not None:
-        raise ValueError(
-            f"{owner}: pass lengths only with a padded tensor; a JaggedTensor carries its own"
-        )
-    values = x.values()
-    if not values.is_floating_point():
-        raise TypeError(
-            f"{owner}: JaggedTensor values must be floating embeddings, got dtype {values.dtype}"
-        )
-    if values.dim() != 2 or values.shape[-1] != d_model:
-        raise ValueError(
-            f"{owner}: JaggedTensor values must be (total, D) with D={d_model}, got shape {tuple(values.shape)}"
-        )
-    jt_lengths = x.lengths()
-    batch = jt_lengths.numel()
-    max_len = int(jt_lengths.max()) if batch > 0 else 0
-    if max_len == 0:
-        return values.new_zeros(batch, 0, d_model), jt_lengths
-    padded = torch.ops.fbgemm.jagged_to_padded_dense(
-        values, [x.offsets()], [max_len], 0.0
-    )  # (B, L, D)
-    return padded, jt_lengths
-
-
-def gather_last(out: Tensor, lengths: Tensor | None) -> Tensor:
-    """The row of ``out`` at each sequence's last real position; zeros for length 0.
-
-    Args:
-        out (Tensor): (B, L, D) per-position outputs.
-        lengths (Tensor, optional): (B,) lengths; None means every row has length L.
-
-    Returns:
-        Tensor: (B, D).
-    """
-    batch, length, width = out.shape
-    if length == 0:
-        return out.new_zeros(batch, width)
-    if lengths is None:
-        return out[:, -1]
-    lengths = lengths.to(out.device, torch.long)
-    idx = (lengths - 1).clamp(min=0)  # (B,)
-    last = out[torch.arange(batch, device=out.device), idx]  # (B, D)
-    return last * (lengths > 0).to(out.dtype)[:, None]
 
 
 class MambaEncoderLayer(nn.Module):
@@ -323,9 +246,7 @@ class MambaSequenceEncoder(nn.Module):
             return (out, self.allocate_state(batch, device=x.device)) if return_state else out
         real: Tensor | None = None
         if lengths is not None:
-            real = (torch.arange(length, device=x.device) < lengths.to(x.device)[:, None])[
-                ..., None
-            ]  # (B, L, 1)
+            real = padding_mask(lengths.to(x.device), length)[..., None]  # (B, L, 1)
             # Zero the padding first so nothing (not even NaN) there can reach a real position.
             x = x.masked_fill(~real, 0.0)
         h = self.input_norm(self.input_dropout(x))  # (B, L, D)
