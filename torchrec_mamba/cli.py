@@ -7,7 +7,9 @@ Examples::
         --sharding row_wise --checkpoint-dir runs/ckpt --output runs/rw
     torchrec-mamba evaluate --checkpoint-dir runs/ckpt --split test
 
-``train`` writes ``OUTPUT/metrics.json``::
+``train`` writes ``OUTPUT/run_config.json`` (the resolved :class:`~torchrec_mamba.train.config.RunConfig`),
+``OUTPUT/data_info.json`` (table sizes, item id mapping), ``OUTPUT/model.pt`` (the best-epoch
+``state_dict``) and ``OUTPUT/metrics.json``::
 
     {"valid": {...}, "test": {"hr@5", "ndcg@5", "mrr@5", ..., "mrr@20"}, "epochs_run": n,
      "best_epoch": e, "train_seconds_per_epoch": s, "stopped_early": bool,
@@ -34,7 +36,7 @@ from typing import TYPE_CHECKING, Any  # noqa: E402
 
 if TYPE_CHECKING:
     from torchrec_mamba.data import SequenceData
-    from torchrec_mamba.models import Mamba4Rec
+    from torchrec_mamba.train.config import RunConfig
     from torchrec_mamba.train.distributed import DistributedContext
 
 __all__ = ["build_parser", "main"]
@@ -42,38 +44,20 @@ __all__ = ["build_parser", "main"]
 logger = logging.getLogger("torchrec_mamba.cli")
 
 _RUN_CONFIG = "run_config.json"
+_MODEL_FILE = "model.pt"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``torchrec-mamba`` (subcommands ``train`` and ``evaluate``)."""
+    """The argument parser of ``torchrec-mamba``; ``train``'s flags come from ``RunConfig``."""
+    from torchrec_mamba.train.config import add_run_config_args
+
     parser = argparse.ArgumentParser(
         prog="torchrec-mamba", description="Mamba4Rec sequential recommendation on TorchRec."
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train, early-stop on validation, report test metrics")
-    train.add_argument("--data", required=True, help="FORMAT:PATH, FORMAT in sasrec|movielens|csv")
-    train.add_argument("--output", required=True, help="folder for metrics.json")
-    _add_model_args(train)
-    _add_run_args(train)
-    train.add_argument("--epochs", type=int, default=60, help="maximum epochs (default 60)")
-    train.add_argument("--patience", type=int, default=5, help="early-stopping patience (default 5)")
-    train.add_argument("--lr", type=float, default=2e-3, help="learning rate (default 2e-3)")
-    train.add_argument("--weight-decay", type=float, default=0.0,
-                       help="AdamW decay of dense weights (default 0: Adam)")
-    train.add_argument("--embedding-optimizer", default="auto",
-                       choices=["auto", "adam", "adagrad", "rowwise_adagrad", "sgd"],
-                       help="table optimizer; auto = adam, or exact adagrad for sharded tables on "
-                       "CPU where FBGEMM has no fused Adam (default auto)")
-    train.add_argument("--embedding-lr", type=float, default=None,
-                       help="table learning rate (default: --lr for adam, 0.05 for adagrad)")
-    train.add_argument("--batch-size", type=int, default=128, help="training rows per rank (default 128)")
-    train.add_argument("--length-buckets", type=int, default=16, metavar="K",
-                       help="sort each run of K training batches by length before batching, so "
-                       "batches carry little padding; 0 turns it off (default 16)")
-    train.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
-    train.add_argument("--pipeline", default="auto", choices=["auto", "sparse_dist", "base", "plain"],
-                       help="training loop (default auto: sparse_dist when sharded, else plain)")
+    add_run_config_args(train)
 
     evaluate = sub.add_parser("evaluate", help="evaluate the checkpoint in --checkpoint-dir")
     evaluate.add_argument("--checkpoint-dir", required=True)
@@ -83,45 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--eval-batch-size", type=int, default=None)
     evaluate.add_argument("--no-progress", action="store_true")
     return parser
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="mamba4rec", choices=["mamba4rec", "sasrec"])
-    p.add_argument("--max-len", type=int, default=50, help="longest input sequence (default 50)")
-    p.add_argument("--d-model", type=int, default=64, help="embedding / model width (default 64)")
-    p.add_argument("--num-layers", type=int, default=None,
-                   help="encoder layers (default 2)")
-    p.add_argument("--d-state", type=int, default=32, help="SSM state size (default 32)")
-    p.add_argument("--d-conv", type=int, default=4, help="conv width (default 4)")
-    p.add_argument("--expand", type=int, default=2, help="Mamba inner expansion (default 2)")
-    p.add_argument("--init", default="mamba4rec", choices=["mamba4rec", "mamba"],
-                   help="Mamba init: the paper code's (dt bias 0) or mamba-ssm's log-uniform dt "
-                   "(default mamba4rec)")
-    p.add_argument("--num-heads", type=int, default=2, help="SASRec attention heads (default 2)")
-    p.add_argument("--dropout", type=float, default=None,
-                   help="dropout (default 0.5 for mamba4rec, 0.4 for sasrec: each model's best "
-                   "on Beauty's validation split, docs/benchmarks.md)")
-    p.add_argument("--backend", default="auto",
-                   choices=["auto", "fused", "cpu", "chunked", "reference"],
-                   help="selective-scan backend (default auto)")
-    p.add_argument("--loss-positions", default="all", choices=["all", "last"],
-                   help="train on every position or only the last (default all)")
-    p.add_argument("--sampled-softmax", type=int, default=0, metavar="S",
-                   help="sampled softmax with S negatives and logQ correction (default 0: full)")
-    p.add_argument("--category-loss-weight", type=float, default=0.0,
-                   help="weight of the next-category head when the data has categories (default 0)")
-
-
-def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--sharding", default=None, choices=["table_wise", "row_wise", "column_wise"],
-                   help="shard tables with DMP (default: unsharded in one process, row_wise "
-                   "under torchrun)")
-    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
-    p.add_argument("--checkpoint-dir", default=None, help="checkpoint after every epoch here")
-    p.add_argument("--eval-batch-size", type=int, default=1024, help="evaluation rows per rank")
-    p.add_argument("--mask-seen", action="store_true", help="do not rank items already in the history")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 
 def _setup_logging(rank: int) -> None:
@@ -146,111 +91,62 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _build_model(
-    cfg: dict[str, Any], data: SequenceData, train_ids: Any, ctx: DistributedContext
-) -> Mamba4Rec:
-    """Encoder + Mamba4Rec; the sampled-softmax proposal counts only training ids (no leak)."""
-    import numpy as np
-    import torch
-
-    from torchrec_mamba.models import (
-        Mamba4Rec,
-        Mamba4RecConfig,
-        SampledSoftmaxConfig,
-        SASRecEncoder,
-    )
-    from torchrec_mamba.modules import MambaSequenceEncoder
-
-    device = ctx.device
-    if cfg["model"] == "mamba4rec":
-        encoder: torch.nn.Module = MambaSequenceEncoder(
-            d_model=cfg["d_model"], num_layers=cfg["num_layers"], d_state=cfg["d_state"],
-            d_conv=cfg["d_conv"], expand=cfg["expand"], dropout=cfg["dropout"],
-            backend=cfg["backend"], init=cfg.get("init", "mamba4rec"), device=device,
-        )
-    else:
-        encoder = SASRecEncoder(
-            d_model=cfg["d_model"], num_layers=cfg["num_layers"], num_heads=cfg["num_heads"],
-            max_len=cfg["max_len"], dropout=cfg["dropout"], device=device,
-        )
-    use_category = data.item_category is not None
-    sampled = SampledSoftmaxConfig(num_negatives=cfg["sampled_softmax"]) if cfg["sampled_softmax"] else None
-    counts = None
-    if sampled is not None:
-        counts = torch.from_numpy(np.bincount(train_ids, minlength=data.num_items + 1))
-    config = Mamba4RecConfig(
-        num_items=data.num_items,
-        embedding_dim=cfg["d_model"],
-        num_categories=data.num_categories if use_category else 0,
-        category_loss_weight=cfg["category_loss_weight"] if use_category else 0.0,
-        loss_positions=cfg["loss_positions"],
-        sampled_softmax=sampled,
-    )
-    return Mamba4Rec(config, encoder, item_counts=counts, device=device)
-
-
-def _load_data(spec: str) -> SequenceData:
-    from torchrec_mamba.data import load_sequences
-
-    return load_sequences(spec)
-
-
-def _loaders(cfg: dict[str, Any], data: SequenceData, ctx: DistributedContext):  # type: ignore[no-untyped-def]
+def _loaders(cfg: RunConfig, data: SequenceData, ctx: DistributedContext):  # type: ignore[no-untyped-def]
     from torchrec_mamba.data import SequenceLoader, leave_one_out
 
-    split = leave_one_out(data, max_len=cfg["max_len"])
-    common = dict(rank=ctx.rank, world_size=ctx.world_size,
-                  with_category=data.item_category is not None)
-    train = SequenceLoader(split.train, batch_size=cfg["batch_size"], shuffle=True,
-                           seed=cfg["seed"], bucket=cfg.get("length_buckets", 0),
-                           **common)  # type: ignore[arg-type]
-    valid = SequenceLoader(split.valid, batch_size=cfg["eval_batch_size"], shuffle=False,
-                           seed=cfg["seed"], **common)  # type: ignore[arg-type]
-    test = SequenceLoader(split.test, batch_size=cfg["eval_batch_size"], shuffle=False,
-                          seed=cfg["seed"], **common)  # type: ignore[arg-type]
+    split = leave_one_out(data, max_len=cfg.max_len)
+    common: dict[str, Any] = dict(rank=ctx.rank, world_size=ctx.world_size,
+                                  with_category=data.item_category is not None, seed=cfg.seed)
+    train = SequenceLoader(split.train, batch_size=cfg.batch_size, shuffle=True,
+                           bucket=cfg.length_buckets, **common)
+    valid = SequenceLoader(split.valid, batch_size=cfg.eval_batch_size, shuffle=False, **common)
+    test = SequenceLoader(split.test, batch_size=cfg.eval_batch_size, shuffle=False, **common)
     return split, train, valid, test
 
 
-def _start(cfg: dict[str, Any]) -> DistributedContext:
+def _start(cfg: RunConfig) -> tuple[RunConfig, DistributedContext]:
     """Join/start the process group (one is needed whenever tables are sharded) and log."""
     from torchrec_mamba.train.distributed import init_distributed
 
-    ctx = init_distributed(force_process_group=cfg["sharding"] is not None, device=cfg["device"])
-    if ctx.world_size > 1 and cfg["sharding"] is None:
-        cfg["sharding"] = "row_wise"
+    ctx = init_distributed(force_process_group=cfg.sharding is not None, device=cfg.device)
     _setup_logging(ctx.rank)
-    return ctx
+    return cfg.resolved(ctx.world_size), ctx
 
 
-def _prepare_run(cfg: dict[str, Any], ctx: DistributedContext):  # type: ignore[no-untyped-def]
-    """Seed, data, loaders, model (sharded when asked), optimizer; ValueError/OSError on bad input."""
+def _prepare_run(cfg: RunConfig, ctx: DistributedContext):  # type: ignore[no-untyped-def]
+    """Seed, data, loaders, model (sharded when asked), optimizer; ValueError/OSError on bad input.
+
+    Returns the model, optimizer, the three loaders, the :class:`DataInfo` and the derived facts
+    (data sizes, split statistics, the resolved table optimizer) that ``metrics.json`` reports.
+    """
+    import numpy as np
+    import torch
+
+    from torchrec_mamba.data import load_sequences
+    from torchrec_mamba.train.config import DataInfo, build_model
     from torchrec_mamba.train.distributed import (
         build_optimizer,
         resolve_embedding_optimizer,
         shard_model,
     )
 
-    _seed_everything(cfg["seed"])
-    data = _load_data(cfg["data"])
+    _seed_everything(cfg.seed)
+    data = load_sequences(cfg.data)
     split, train, valid, test = _loaders(cfg, data, ctx)
-    # Defaults chosen on Amazon Beauty's validation split (docs/benchmarks.md, "Quality").
-    if cfg["num_layers"] is None:
-        cfg["num_layers"] = 2
-    if cfg["dropout"] is None:
-        cfg["dropout"] = 0.5 if cfg["model"] == "mamba4rec" else 0.4
-    model: Any = _build_model(cfg, data, split.train.values, ctx)
-    lr = cfg.get("lr", 1e-3)
-    sharded = cfg["sharding"] is not None
+    info = DataInfo.from_sequence_data(data)
+    counts = torch.from_numpy(np.bincount(split.train.values, minlength=data.num_items + 1))
+    model: Any = build_model(cfg, info, ctx.device, item_counts=counts)
+    sharded = cfg.sharding is not None
     emb_opt = resolve_embedding_optimizer(
-        cfg.get("embedding_optimizer", "auto"), cfg.get("embedding_lr"), lr, sharded, ctx.device
+        cfg.embedding_optimizer, cfg.embedding_lr, cfg.lr, sharded, ctx.device
     )
-    cfg["embedding_optimizer_resolved"] = {"name": emb_opt.name, "lr": emb_opt.lr}
     if sharded:
-        model = shard_model(model, cfg["sharding"], ctx, emb_opt)
-    optimizer = build_optimizer(model, lr, cfg.get("weight_decay", 0.0), emb_opt)
-    cfg.update(num_items=data.num_items, num_users=data.num_users, world_size=ctx.world_size,
-               split_stats=dict(split.stats))
-    return model, optimizer, train, valid, test
+        model = shard_model(model, cfg.sharding, ctx, emb_opt)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, emb_opt)
+    derived = dict(embedding_optimizer_resolved={"name": emb_opt.name, "lr": emb_opt.lr},
+                   num_items=data.num_items, num_users=data.num_users,
+                   world_size=ctx.world_size, split_stats=dict(split.stats))
+    return model, optimizer, (train, valid, test), info, derived
 
 
 def _error(err: BaseException | str) -> int:
@@ -259,27 +155,30 @@ def _error(err: BaseException | str) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from torchrec_mamba.train.config import RunConfig
     from torchrec_mamba.train.distributed import destroy_distributed
     from torchrec_mamba.train.loop import FitConfig, fit
 
-    cfg = {k: v for k, v in vars(args).items() if k != "command"}
     try:
+        cfg = RunConfig.from_dict({k: v for k, v in vars(args).items() if k != "command"})
         fit_config = FitConfig(
-            epochs=cfg["epochs"], patience=cfg["patience"], mask_seen=cfg["mask_seen"],
-            pipeline=cfg["pipeline"], checkpoint_dir=cfg["checkpoint_dir"], resume=cfg["resume"],
-            progress=not cfg["no_progress"],
+            epochs=cfg.epochs, patience=cfg.patience, mask_seen=cfg.mask_seen,
+            pipeline=cfg.pipeline, checkpoint_dir=cfg.checkpoint_dir, resume=cfg.resume,
+            progress=not cfg.no_progress, best_model_path=str(Path(cfg.output) / _MODEL_FILE),
         )
     except ValueError as err:
         return _error(err)
-    ctx = _start(cfg)
+    cfg, ctx = _start(cfg)
     try:
         try:
-            model, optimizer, train, valid, test = _prepare_run(cfg, ctx)
+            model, optimizer, (train, valid, test), info, derived = _prepare_run(cfg, ctx)
         except (ValueError, OSError) as err:  # bad or missing data file, impossible setting
             return _error(err)
-        if ctx.is_main and cfg["checkpoint_dir"] is not None:
-            Path(cfg["checkpoint_dir"]).mkdir(parents=True, exist_ok=True)
-            (Path(cfg["checkpoint_dir"]) / _RUN_CONFIG).write_text(json.dumps(cfg, indent=1))
+        if ctx.is_main:
+            for folder in (cfg.output, cfg.checkpoint_dir):
+                if folder is not None:
+                    cfg.save(folder)
+                    info.save(folder)
         result = fit(model, optimizer, train, valid, test, fit_config, ctx)
         report = {
             "valid": result.valid,
@@ -289,13 +188,11 @@ def _train(args: argparse.Namespace) -> int:
             "train_seconds_per_epoch": result.train_seconds_per_epoch,
             "stopped_early": result.stopped_early,
             "history": result.history,
-            "config": cfg,
+            "config": {**cfg.to_dict(), **derived},
         }
         if ctx.is_main:
-            out = Path(cfg["output"])
-            out.mkdir(parents=True, exist_ok=True)
             text = json.dumps(report, default=str)
-            (out / "metrics.json").write_text(text + "\n")
+            (Path(cfg.output) / "metrics.json").write_text(text + "\n")
             print(text, flush=True)
     finally:
         destroy_distributed(ctx)
@@ -303,28 +200,33 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from torchrec_mamba.train.checkpoint import load_checkpoint
+    from torchrec_mamba.train.config import RunConfig
     from torchrec_mamba.train.distributed import destroy_distributed
     from torchrec_mamba.train.loop import evaluate
 
-    run_config = Path(args.checkpoint_dir) / _RUN_CONFIG
-    if not run_config.is_file():
-        return _error(f"{run_config} not found (written by `train --checkpoint-dir`)")
-    cfg = json.loads(run_config.read_text())
-    cfg["data"] = args.data or cfg["data"]
+    try:
+        cfg = RunConfig.load(Path(args.checkpoint_dir) / _RUN_CONFIG)
+    except (ValueError, OSError) as err:
+        return _error(err)
+    changes: dict[str, Any] = {"resume": False}
+    if args.data:
+        changes["data"] = args.data
     if args.eval_batch_size is not None:
-        cfg["eval_batch_size"] = args.eval_batch_size
-    ctx = _start(cfg)
+        changes["eval_batch_size"] = args.eval_batch_size
+    cfg, ctx = _start(dataclasses.replace(cfg, **changes))
     try:
         try:
-            model, optimizer, _, valid, test = _prepare_run(cfg, ctx)
+            model, optimizer, (_, valid, test), _, _ = _prepare_run(cfg, ctx)
             restored = load_checkpoint(args.checkpoint_dir, model, optimizer, ctx)
         except (ValueError, OSError) as err:
             return _error(err)
         if restored is None:
             return _error(f"no checkpoint in {args.checkpoint_dir}")
         loader = test if args.split == "test" else valid
-        metrics = evaluate(model, loader, ctx, mask_seen=cfg["mask_seen"])
+        metrics = evaluate(model, loader, ctx, mask_seen=cfg.mask_seen)
         report = {args.split: metrics, "epoch": restored[0]["epoch"],
                   "checkpoint_dir": args.checkpoint_dir}
         if ctx.is_main:

@@ -8,7 +8,7 @@ Typical use::
 """
 
 from torchrec_mamba.data.batch import SequenceBatch, jagged_to_padded
-from torchrec_mamba.data.loader import SequenceLoader
+from torchrec_mamba.data.loader import Loader, SequenceLoader
 from torchrec_mamba.data.parquet import ParquetSequenceLoader, read_vocab_sizes
 from torchrec_mamba.data.readers import (
     READERS,
@@ -22,6 +22,7 @@ from torchrec_mamba.data.split import SplitData, SplitPart, leave_one_out, windo
 
 __all__ = [
     "READERS",
+    "Loader",
     "ParquetSequenceLoader",
     "SequenceBatch",
     "SequenceData",

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -43,9 +44,64 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_mamba.data.batch import SequenceBatch
 from torchrec_mamba.data.split import SplitPart
 
-__all__ = ["SequenceLoader", "bucket_by_length", "check_batching_args"]
+__all__ = ["Loader", "SequenceLoader", "bucket_by_length", "check_batching_args"]
 
 logger = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Loader(Protocol):
+    """What ``train.fit`` / ``train.evaluate`` need from a data loader, in memory or on parquet.
+
+    An epoch yields ``len(loader)`` :class:`SequenceBatch` es (the same number on every rank);
+    ``set_epoch`` selects the epoch (and its shuffle) and keeps the position when the epoch does
+    not change; ``state_dict`` / ``load_state_dict`` save and restore the position (epoch and
+    batches handed out) so a checkpointed run resumes exactly. Implemented by
+    :class:`SequenceLoader` and :class:`~torchrec_mamba.data.parquet.ParquetSequenceLoader`.
+
+    Example::
+
+        >>> from torchrec_mamba.data.split import windows_from_sequences
+        >>> part = windows_from_sequences("train", [np.array([1, 2, 3])], num_items=3, max_len=4)
+        >>> isinstance(SequenceLoader(part, batch_size=1, shuffle=False, seed=0), Loader)
+        True
+    """
+
+    def __iter__(self) -> Iterator[SequenceBatch]: ...
+
+    def __len__(self) -> int: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def check_resume_state(state: dict[str, Any], mine: dict[str, Any], keys: tuple[str, ...],
+                       num_batches: int) -> tuple[int, int]:
+    """Check a saved loader state against this loader's settings; return (epoch, batch_index).
+
+    Args:
+        state (dict[str, Any]): the saved :meth:`Loader.state_dict`.
+        mine (dict[str, Any]): this loader's own state dict.
+        keys (tuple[str, ...]): settings that change the order and so must match.
+        num_batches (int): batches per epoch, the largest valid ``batch_index``.
+
+    Returns:
+        tuple[int, int]: the saved position.
+    """
+    for key in keys:
+        if key not in state:
+            raise ValueError(f"loader state lacks {key!r}; got keys {sorted(state)}")
+        if state[key] != mine[key]:
+            raise ValueError(
+                f"cannot resume: saved {key}={state[key]!r} but this loader has {key}={mine[key]!r}"
+            )
+    epoch, index = int(state["epoch"]), int(state["batch_index"])
+    if epoch < 0 or not 0 <= index <= num_batches:
+        raise ValueError(f"invalid loader position epoch={epoch}, batch_index={index}")
+    return epoch, index
 
 
 def bucket_by_length(
@@ -240,18 +296,12 @@ class SequenceLoader:
         Args:
             state (dict[str, int]): a saved state; settings that change the order must match.
         """
-        mine = self.state_dict()
         state = {"bucket": 0, **state}  # states saved before bucketing existed
-        for key in ("seed", "num_rows", "batch_size", "world_size", "shuffle", "drop_last", "bucket"):
-            if key not in state:
-                raise ValueError(f"loader state lacks {key!r}; got keys {sorted(state)}")
-            if int(state[key]) != mine[key]:
-                raise ValueError(
-                    f"cannot resume: saved {key}={state[key]} but this loader has {key}={mine[key]}"
-                )
-        epoch, index = int(state["epoch"]), int(state["batch_index"])
-        if epoch < 0 or not 0 <= index <= len(self):
-            raise ValueError(f"invalid loader position epoch={epoch}, batch_index={index}")
+        keys = ("seed", "num_rows", "batch_size", "world_size", "shuffle", "drop_last", "bucket")
+        epoch, index = check_resume_state(
+            {k: int(v) if k in keys else v for k, v in state.items()}, self.state_dict(), keys,
+            len(self),
+        )
         self._epoch, self._batch_index = epoch, index
 
     # --- iteration ---------------------------------------------------------------------------

@@ -25,6 +25,11 @@ Rank balance, the same on every rank without communication:
 (:func:`~torchrec_mamba.data.loader.bucket_by_length`); it only reorders a rank's rows, so the
 two guarantees above hold unchanged.
 
+Resuming: :meth:`ParquetSequenceLoader.state_dict` holds the epoch and the batches already handed
+out in it, with the same semantics as :class:`~torchrec_mamba.data.loader.SequenceLoader` (both
+follow :class:`~torchrec_mamba.data.loader.Loader`), so ``train.fit`` checkpoints and resumes a
+run on parquet exactly.
+
 Truncation and padding happen here, not in the ETL (NVTabular's CPU ``ListSlice(pad=True)`` fails
 silently on rows read back from parquet): rows keep their last ``max_len + 1`` events, so inputs
 have at most ``max_len`` ids; batches are jagged and :meth:`SequenceBatch.padded` pads with 0.
@@ -39,13 +44,14 @@ import json
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_mamba.data.batch import SequenceBatch
-from torchrec_mamba.data.loader import bucket_by_length, check_batching_args
+from torchrec_mamba.data.loader import bucket_by_length, check_batching_args, check_resume_state
 
 __all__ = ["ParquetSequenceLoader", "read_vocab_sizes", "shard_files"]
 
@@ -195,6 +201,7 @@ class ParquetSequenceLoader:
         self.seed = seed
         self.bucket = bucket
         self._epoch = 0
+        self._batch_index = 0
 
         counts = [_num_rows(f) for f in self.files]
         if len(self.files) % world_size == 0:
@@ -273,11 +280,63 @@ class ParquetSequenceLoader:
         """Batches per epoch, the same on every rank."""
         return -(-self._rows_per_rank // self.batch_size)
 
+    @property
+    def epoch(self) -> int:
+        """The epoch the next batch comes from."""
+        return self._epoch
+
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch (it seeds the shuffle)."""
+        """Select the epoch (it seeds the shuffle); the position resets only if it changes.
+
+        As in :class:`~torchrec_mamba.data.loader.SequenceLoader`, so that
+        ``load_state_dict`` followed by the usual ``set_epoch(e); for batch in loader`` resumes
+        mid-epoch.
+        """
         if not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
-        self._epoch = epoch
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._batch_index = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position (epoch, batches handed out) plus settings that must match on resume.
+
+        Example::
+
+            >>> import tempfile, pandas as pd
+            >>> d = tempfile.mkdtemp()
+            >>> pd.DataFrame({"item_list": [[3, 4], [5, 6], [7, 8]]}).to_parquet(f"{d}/part_0.parquet")
+            >>> loader = ParquetSequenceLoader(d, batch_size=1, keys=("item",))
+            >>> it = iter(loader); first = next(it)
+            >>> resumed = ParquetSequenceLoader(d, batch_size=1, keys=("item",))
+            >>> resumed.load_state_dict(loader.state_dict())
+            >>> [b.targets().tolist() for b in it] == [b.targets().tolist() for b in resumed]
+            True
+        """
+        return {
+            "epoch": self._epoch,
+            "batch_index": self._batch_index,
+            "seed": self.seed,
+            "rank_rows": list(self.rank_rows),
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "shuffle": int(self.shuffle),
+            "bucket": self.bucket,
+            "max_len": self.max_len,
+            "keys": list(self.keys),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at a position saved by :meth:`state_dict` of the same rank of the same run.
+
+        Args:
+            state (dict[str, Any]): a saved state; settings that change the order must match.
+        """
+        keys = ("seed", "rank_rows", "batch_size", "world_size", "rank", "shuffle", "bucket",
+                "max_len", "keys")
+        state = {k: list(v) if isinstance(v, tuple) else v for k, v in state.items()}
+        self._epoch, self._batch_index = check_resume_state(state, self.state_dict(), keys, len(self))
 
     def epoch_rows(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """Row order of this rank for ``epoch`` and whether each entry is real (not a repeat).
@@ -327,10 +386,13 @@ class ParquetSequenceLoader:
     def __iter__(self) -> Iterator[SequenceBatch]:
         rows, real = self.epoch_rows(self._epoch)
         bs = self.batch_size
-        for i in range(len(self)):
+        while self._batch_index < len(self):
+            i = self._batch_index
+            self._batch_index += 1
             sel, ok = rows[i * bs : (i + 1) * bs], real[i * bs : (i + 1) * bs]
             yield self.make_batch(sel, None if ok.all() else ok)
         self._epoch += 1
+        self._batch_index = 0
 
     def make_batch(self, rows: np.ndarray, real: np.ndarray | None = None) -> SequenceBatch:
         """Batch of the given rows: input ``s[:-1]``, labels ``s[1:]`` (last ``max_len``).

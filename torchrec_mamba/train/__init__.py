@@ -1,5 +1,6 @@
-"""Training: process group + planner + DMP (:mod:`.distributed`), ``fit`` / ``evaluate``
-(:mod:`.loop`), exact-resume checkpoints (:mod:`.checkpoint`) and full-ranking metrics
+"""Training: the run config and ``build_model`` (:mod:`.config`), process group + planner + DMP
+(:mod:`.distributed`), ``fit`` (:mod:`.loop`), ``evaluate`` / ``evaluate_tasks``
+(:mod:`.evaluation`), exact-resume checkpoints (:mod:`.checkpoint`) and full-ranking metrics
 (:mod:`.metrics`).
 
 Names load on first access, so ``import torchrec_mamba.train.metrics`` does not pull in
@@ -20,9 +21,13 @@ _LAZY = {
     "resolve_embedding_optimizer": "torchrec_mamba.train.distributed",
     "shard_model": "torchrec_mamba.train.distributed",
     "unwrap": "torchrec_mamba.train.distributed",
+    "DataInfo": "torchrec_mamba.train.config",
+    "RunConfig": "torchrec_mamba.train.config",
+    "build_model": "torchrec_mamba.train.config",
+    "evaluate_tasks": "torchrec_mamba.train.evaluation",
     "FitConfig": "torchrec_mamba.train.loop",
     "FitResult": "torchrec_mamba.train.loop",
-    "evaluate": "torchrec_mamba.train.loop",
+    "evaluate": "torchrec_mamba.train.evaluation",
     "fit": "torchrec_mamba.train.loop",
     "train_one_epoch": "torchrec_mamba.train.loop",
     "load_checkpoint": "torchrec_mamba.train.checkpoint",
@@ -32,14 +37,18 @@ _LAZY = {
 }
 
 __all__ = [
+    "DataInfo",
     "DistributedContext",
     "EmbeddingOptimizerConfig",
     "FitConfig",
     "FitResult",
     "RankingMetrics",
+    "RunConfig",
+    "build_model",
     "build_optimizer",
     "destroy_distributed",
     "evaluate",
+    "evaluate_tasks",
     "fit",
     "init_distributed",
     "load_checkpoint",
@@ -53,6 +62,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from torchrec_mamba.train.checkpoint import load_checkpoint, save_checkpoint
+    from torchrec_mamba.train.config import DataInfo, RunConfig, build_model
     from torchrec_mamba.train.distributed import (
         DistributedContext,
         EmbeddingOptimizerConfig,
@@ -63,7 +73,8 @@ if TYPE_CHECKING:
         shard_model,
         unwrap,
     )
-    from torchrec_mamba.train.loop import FitConfig, FitResult, evaluate, fit, train_one_epoch
+    from torchrec_mamba.train.evaluation import evaluate, evaluate_tasks
+    from torchrec_mamba.train.loop import FitConfig, FitResult, fit, train_one_epoch
     from torchrec_mamba.train.metrics import RankingMetrics, ranking_metrics
 
 

@@ -11,7 +11,7 @@ Training paths:
   ``docs`` fragment of this module's author for the measurement. ``pipeline="base"`` selects
   ``TrainPipelineBase`` instead.
 
-Every batch goes through :meth:`Mamba4Rec.prepare_batch` before the pipeline sees it (id checks
+Every batch goes through :meth:`SequentialRecommender.prepare_batch` before the pipeline sees it (id checks
 and the candidate features of the tied head).
 
 Model selection: after every epoch the model is ranked on the validation split (full ranking,
@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -39,12 +41,12 @@ from torchrec.optim.keyed import KeyedOptimizer
 from tqdm import tqdm
 
 from torchrec_mamba.data.batch import SequenceBatch
-from torchrec_mamba.data.loader import SequenceLoader
+from torchrec_mamba.data.loader import Loader
 from torchrec_mamba.train.checkpoint import load_checkpoint, save_checkpoint
 from torchrec_mamba.train.distributed import DistributedContext, unwrap
-from torchrec_mamba.train.metrics import RankingMetrics
+from torchrec_mamba.train.evaluation import evaluate, evaluate_tasks
 
-__all__ = ["FitConfig", "FitResult", "evaluate", "fit", "train_one_epoch"]
+__all__ = ["FitConfig", "FitResult", "evaluate", "evaluate_tasks", "fit", "train_one_epoch"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,12 @@ class FitConfig:
         resume (bool): continue from the checkpoint in ``checkpoint_dir`` if there is one.
             Default: False.
         progress (bool): show a tqdm bar on rank 0. Default: True.
+        all_tasks (bool): evaluate every task of the model, not only the primary (first) one;
+            their metrics go to ``FitResult.valid_tasks`` / ``test_tasks`` and to each history
+            entry's ``"tasks"``. Default: False.
+        best_model_path (str | None): write the best epoch's model ``state_dict`` here (loadable
+            with ``torch.load(weights_only=True)``), on rank 0, unsharded models only (a sharded
+            model's weights are in its checkpoints). Default: None.
 
     Example::
 
@@ -84,6 +92,8 @@ class FitConfig:
     checkpoint_dir: str | None = None
     resume: bool = False
     progress: bool = True
+    all_tasks: bool = False
+    best_model_path: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.epochs, int) or self.epochs < 1:
@@ -112,6 +122,9 @@ class FitResult:
         history (list[dict[str, Any]]): per epoch: ``epoch``, ``loss``, ``valid``,
             ``train_seconds``.
         stopped_early (bool): whether patience ran out.
+        valid_tasks (dict[str, dict[str, float]]): with ``all_tasks``, validation metrics of
+            every task at the best epoch, by task name. Default: empty.
+        test_tasks (dict[str, dict[str, float]]): the same on the test split. Default: empty.
     """
 
     valid: dict[str, float]
@@ -121,9 +134,11 @@ class FitResult:
     train_seconds_per_epoch: float
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped_early: bool = False
+    valid_tasks: dict[str, dict[str, float]] = field(default_factory=dict)
+    test_tasks: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def _prepared(model: nn.Module, loader: SequenceLoader, device: torch.device) -> Iterator[SequenceBatch]:
+def _prepared(model: nn.Module, loader: Loader, device: torch.device) -> Iterator[SequenceBatch]:
     """Batches on ``device`` with ids checked and candidate features added."""
     inner = unwrap(model)
     for batch in loader:
@@ -141,7 +156,7 @@ def _mean_over_ranks(value: float, ctx: DistributedContext) -> float:
 def train_one_epoch(
     model: nn.Module,
     optimizer: KeyedOptimizer,
-    loader: SequenceLoader,
+    loader: Loader,
     ctx: DistributedContext,
     pipeline: Pipeline = "auto",
     progress: bool = True,
@@ -151,9 +166,9 @@ def train_one_epoch(
     """One pass over ``loader``; returns the mean training loss over batches and ranks.
 
     Args:
-        model (nn.Module): ``Mamba4Rec`` or a DMP around it.
+        model (nn.Module): ``SequentialRecommender`` or a DMP around it.
         optimizer (KeyedOptimizer): from ``build_optimizer``.
-        loader (SequenceLoader): the training loader (already ``set_epoch``-ed).
+        loader (Loader): the training loader (already ``set_epoch``-ed).
         ctx (DistributedContext): process layout.
         pipeline (str): see :class:`FitConfig`. Default: ``"auto"``.
         progress (bool): tqdm bar on rank 0. Default: True.
@@ -210,63 +225,124 @@ def train_one_epoch(
     return _mean_over_ranks(total / max(count, 1), ctx)
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: SequenceLoader,
+def _new_progress() -> dict[str, Any]:
+    return {
+        "epoch": 0,
+        "best_epoch": 0,
+        "best_score": -math.inf,
+        "best_valid": {},
+        "best_test": {},
+        "best_valid_tasks": {},
+        "best_test_tasks": {},
+        "epochs_since_best": 0,
+        "stopped_early": False,
+        "history": [],
+    }
+
+
+def _restore(
+    model: nn.Module, optimizer: KeyedOptimizer, train_loader: Loader, config: FitConfig,
     ctx: DistributedContext,
-    ks: tuple[int, ...] = (5, 10, 20),
-    mask_seen: bool = False,
-) -> dict[str, float]:
-    """Full-ranking HR/NDCG/MRR@K over ``loader`` (a collective when distributed).
+) -> dict[str, Any]:
+    """The saved progress (and model, optimizer, RNG and loader states) or a fresh start."""
+    progress = _new_progress()
+    if config.resume and config.checkpoint_dir is not None:
+        restored = load_checkpoint(config.checkpoint_dir, model, optimizer, ctx)
+        if restored is not None:
+            saved, loader_state = restored
+            progress.update(saved)  # checkpoints written before all_tasks lack its keys
+            train_loader.load_state_dict(loader_state)
+        elif ctx.is_main:
+            logger.info("no checkpoint in %s: starting from scratch", config.checkpoint_dir)
+    return progress
 
-    The item table is read once (through the EC, so it works sharded) and every batch is scored
-    against all items; rows a distributed loader repeated (``batch.mask``) are not counted.
 
-    Args:
-        model (nn.Module): ``Mamba4Rec`` or a DMP around it.
-        loader (SequenceLoader): an evaluation loader (valid or test part).
-        ctx (DistributedContext): process layout.
-        ks (tuple[int, ...]): cut-offs. Default: (5, 10, 20).
-        mask_seen (bool): exclude seen items from the ranking. Default: False.
+def _save_best_model(model: nn.Module, path: str, ctx: DistributedContext) -> None:
+    """The best epoch's weights, atomically, on rank 0 (unsharded models only)."""
+    if isinstance(model, DistributedModelParallel):
+        if ctx.is_main:
+            logger.warning("best_model_path: a sharded model's weights live in its checkpoints")
+        return
+    if ctx.is_main:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        torch.save(unwrap(model).state_dict(), tmp)
+        os.replace(tmp, target)
 
-    Returns:
-        dict[str, float]: ``"hr@K"``, ``"ndcg@K"``, ``"mrr@K"``, the same on every rank.
-    """
-    inner = unwrap(model)
-    was_training = model.training
-    model.eval()
-    try:
-        items = inner.item_embeddings()  # (I, D)
-        metrics = RankingMetrics(ks=ks, mask_seen=mask_seen, device="cpu")
-        for batch in loader:
-            batch = batch.to(ctx.device)
-            scores = inner.score(batch, item_embeddings=items)  # (B, I + 1)
-            history = batch.padded()[0] if mask_seen else None
-            metrics.update(scores, batch.targets(), history=history, mask=batch.mask)
-        return metrics.compute(ctx.process_group)
-    finally:
-        model.train(was_training)
+
+def _evaluate_split(
+    model: nn.Module, loader: Loader, config: FitConfig, ctx: DistributedContext
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Primary-task metrics and, with ``all_tasks``, every task's."""
+    if not config.all_tasks:
+        return evaluate(model, loader, ctx, config.ks, config.mask_seen), {}
+    by_task = evaluate_tasks(model, loader, ctx, config.ks, config.mask_seen)
+    return by_task[unwrap(model).tasks[0].name], by_task
+
+
+def _run_epoch(
+    model: nn.Module, optimizer: KeyedOptimizer, loaders: tuple[Loader, Loader, Loader],
+    config: FitConfig, ctx: DistributedContext, progress: dict[str, Any], epoch: int,
+    on_batch_end: BatchHook | None,
+) -> None:
+    """Train one epoch, validate, test when validation improved; updates ``progress``."""
+    train_loader, valid_loader, test_loader = loaders
+    train_loader.set_epoch(epoch)
+    start = time.perf_counter()
+    loss = train_one_epoch(
+        model, optimizer, train_loader, ctx, config.pipeline, config.progress, epoch, on_batch_end
+    )
+    seconds = time.perf_counter() - start
+    valid, valid_tasks = _evaluate_split(model, valid_loader, config, ctx)
+    score = valid[config.monitor]
+    improved = score > progress["best_score"]
+    if improved:
+        test, test_tasks = _evaluate_split(model, test_loader, config, ctx)
+        progress.update(best_epoch=epoch + 1, best_score=score, best_valid=valid, best_test=test,
+                        best_valid_tasks=valid_tasks, best_test_tasks=test_tasks,
+                        epochs_since_best=0)
+        if config.best_model_path is not None:
+            _save_best_model(model, config.best_model_path, ctx)
+    else:
+        progress["epochs_since_best"] += 1
+    entry: dict[str, Any] = {"epoch": epoch + 1, "loss": loss, "valid": valid,
+                             "train_seconds": seconds}
+    if valid_tasks:
+        entry["tasks"] = valid_tasks
+    progress["history"].append(entry)
+    progress["epoch"] = epoch + 1
+    progress["stopped_early"] = progress["epochs_since_best"] >= config.patience
+    if ctx.is_main:
+        logger.info(
+            "epoch %d: loss %.4f, valid %s %.4f%s (%.1fs)",
+            epoch + 1, loss, config.monitor, score, " *" if improved else "", seconds,
+        )
 
 
 def fit(
     model: nn.Module,
     optimizer: KeyedOptimizer,
-    train_loader: SequenceLoader,
-    valid_loader: SequenceLoader,
-    test_loader: SequenceLoader,
+    train_loader: Loader,
+    valid_loader: Loader,
+    test_loader: Loader,
     config: FitConfig,
     ctx: DistributedContext,
     on_batch_end: BatchHook | None = None,
 ) -> FitResult:
     """Train with early stopping on validation, evaluate test at the best epoch, checkpoint.
 
+    Any model following the task contract works (``SequentialRecommender`` from any factory, or
+    a DMP around one), with any :class:`~torchrec_mamba.data.loader.Loader` (in-memory or
+    parquet): the checkpoint holds the training loader's position, so ``resume`` continues
+    exactly where the last complete epoch ended.
+
     Args:
-        model (nn.Module): ``Mamba4Rec`` or a DMP around it.
+        model (nn.Module): ``SequentialRecommender`` or a DMP around it.
         optimizer (KeyedOptimizer): from ``build_optimizer``.
-        train_loader (SequenceLoader): shuffled training loader.
-        valid_loader (SequenceLoader): validation loader.
-        test_loader (SequenceLoader): test loader.
+        train_loader (Loader): shuffled training loader.
+        valid_loader (Loader): validation loader.
+        test_loader (Loader): test loader.
         config (FitConfig): settings.
         ctx (DistributedContext): process layout.
         on_batch_end (Callable[[int, int], None] | None): see :func:`train_one_epoch`.
@@ -274,55 +350,12 @@ def fit(
     Returns:
         FitResult: best-epoch metrics and the per-epoch history.
     """
-    progress: dict[str, Any] = {
-        "epoch": 0,
-        "best_epoch": 0,
-        "best_score": -math.inf,
-        "best_valid": {},
-        "best_test": {},
-        "epochs_since_best": 0,
-        "stopped_early": False,
-        "history": [],
-    }
-    if config.resume and config.checkpoint_dir is not None:
-        restored = load_checkpoint(config.checkpoint_dir, model, optimizer, ctx)
-        if restored is not None:
-            progress, loader_state = restored
-            train_loader.load_state_dict(loader_state)
-        elif ctx.is_main:
-            logger.info("no checkpoint in %s: starting from scratch", config.checkpoint_dir)
+    progress = _restore(model, optimizer, train_loader, config, ctx)
+    loaders = (train_loader, valid_loader, test_loader)
     for epoch in range(int(progress["epoch"]), config.epochs):
         if progress["stopped_early"]:
             break
-        train_loader.set_epoch(epoch)
-        start = time.perf_counter()
-        loss = train_one_epoch(
-            model, optimizer, train_loader, ctx, config.pipeline, config.progress, epoch, on_batch_end
-        )
-        seconds = time.perf_counter() - start
-        valid = evaluate(model, valid_loader, ctx, config.ks, config.mask_seen)
-        score = valid[config.monitor]
-        improved = score > progress["best_score"]
-        if improved:
-            progress.update(
-                best_epoch=epoch + 1,
-                best_score=score,
-                best_valid=valid,
-                best_test=evaluate(model, test_loader, ctx, config.ks, config.mask_seen),
-                epochs_since_best=0,
-            )
-        else:
-            progress["epochs_since_best"] += 1
-        progress["history"].append(
-            {"epoch": epoch + 1, "loss": loss, "valid": valid, "train_seconds": seconds}
-        )
-        progress["epoch"] = epoch + 1
-        progress["stopped_early"] = progress["epochs_since_best"] >= config.patience
-        if ctx.is_main:
-            logger.info(
-                "epoch %d: loss %.4f, valid %s %.4f%s (%.1fs)",
-                epoch + 1, loss, config.monitor, score, " *" if improved else "", seconds,
-            )
+        _run_epoch(model, optimizer, loaders, config, ctx, progress, epoch, on_batch_end)
         if config.checkpoint_dir is not None:
             save_checkpoint(
                 config.checkpoint_dir, model, optimizer, progress, train_loader.state_dict(), ctx
@@ -337,4 +370,6 @@ def fit(
         train_seconds_per_epoch=sum(epoch_seconds) / max(len(epoch_seconds), 1),
         history=list(history),
         stopped_early=bool(progress["stopped_early"]),
+        valid_tasks=dict(progress["best_valid_tasks"]),
+        test_tasks=dict(progress["best_test_tasks"]),
     )

@@ -1,0 +1,307 @@
+"""`RunConfig`: every default of a training run in one typed place, and the one `build_model`.
+
+The ``torchrec-mamba train`` flags are generated from the fields (:func:`add_run_config_args`);
+the run writes the resolved config as ``run_config.json`` and :meth:`RunConfig.load` reads it back
+exactly (an unknown key is an error). The examples and benchmarks start from ``RunConfig(...)``
+with their own overrides and build models with the same :func:`build_model`.
+
+Per-model default: ``dropout=None`` resolves to :data:`MODEL_DROPOUT` (0.5 for Mamba4Rec, 0.4 for
+SASRec, each model's best on Amazon Beauty's validation split, ``docs/benchmarks.md``).
+To change a default, edit its field below: that one line changes the CLI, its help and the docs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DATA_INFO",
+    "MODEL_DROPOUT",
+    "RUN_CONFIG",
+    "DataInfo",
+    "RunConfig",
+    "add_run_config_args",
+    "build_model",
+]
+
+RUN_CONFIG = "run_config.json"
+DATA_INFO = "data_info.json"
+
+#: Default dropout of each model (``RunConfig.dropout=None``).
+MODEL_DROPOUT = {"mamba4rec": 0.5, "sasrec": 0.4}
+
+_MODELS = ("mamba4rec", "sasrec")
+_BACKENDS = ("auto", "fused", "cpu", "chunked", "reference")
+
+
+def _opt(default: Any, help: str, group: str, **extra: Any) -> Any:  # noqa: A002 - argparse's name
+    """A field with its CLI help, group and argparse extras (choices, metavar) as metadata."""
+    return field(default=default, metadata={"help": help, "group": group, **extra})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Settings of one training run: data, model, optimisation and run flags.
+
+    Every field is a ``torchrec-mamba train`` flag (``lr`` -> ``--lr``); see each field's help.
+
+    Example::
+
+        >>> cfg = RunConfig(data="sasrec:Beauty.txt", model="sasrec")
+        >>> cfg.resolved().dropout, cfg.lr, cfg.batch_size
+        (0.4, 0.002, 128)
+    """
+
+    # --- data ---
+    data: str = _opt("", "FORMAT:PATH, FORMAT in sasrec|movielens|csv", "data", required=True)
+    output: str = _opt("", "folder for metrics.json, run_config.json and the model", "data",
+                       required=True)
+    max_len: int = _opt(50, "longest input sequence", "data")
+    # --- model ---
+    model: str = _opt("mamba4rec", "the encoder", "model", choices=_MODELS)
+    d_model: int = _opt(64, "embedding / model width", "model")
+    num_layers: int = _opt(2, "encoder layers", "model")
+    d_state: int = _opt(32, "SSM state size", "model")
+    d_conv: int = _opt(4, "conv width", "model")
+    expand: int = _opt(2, "Mamba inner expansion", "model")
+    init: str = _opt("mamba4rec", "Mamba init: the paper code's (dt bias 0) or mamba-ssm's "
+                     "log-uniform dt", "model", choices=("mamba4rec", "mamba"))
+    num_heads: int = _opt(2, "SASRec attention heads", "model")
+    dropout: float | None = _opt(None, "dropout (default 0.5 for mamba4rec, 0.4 for sasrec: each "
+                                 "model's best on Beauty's validation split)", "model")
+    attn_dropout: float | None = _opt(None, "SASRec attention-probability dropout (default: "
+                                      "--dropout, as RecBole; 0 is faster on CPU)", "model")
+    backend: str = _opt("auto", "selective-scan backend", "model", choices=_BACKENDS)
+    loss_positions: str = _opt("all", "train on every position or only the last", "model",
+                               choices=("all", "last"))
+    sampled_softmax: int = _opt(0, "sampled softmax with S negatives and logQ correction "
+                                "(0: full)", "model", metavar="S")
+    category_loss_weight: float = _opt(0.0, "weight of the next-category task when the data has "
+                                       "categories", "model")
+    # --- optimisation ---
+    epochs: int = _opt(60, "maximum epochs", "train")
+    patience: int = _opt(5, "early-stopping patience", "train")
+    lr: float = _opt(2e-3, "learning rate", "train")
+    weight_decay: float = _opt(0.0, "AdamW decay of dense weights (0: Adam)", "train")
+    embedding_optimizer: str = _opt(
+        "auto", "table optimizer; auto = adam, or exact adagrad for sharded tables on CPU where "
+        "FBGEMM has no fused Adam", "train",
+        choices=("auto", "adam", "adagrad", "rowwise_adagrad", "sgd"))
+    embedding_lr: float | None = _opt(None, "table learning rate (default: --lr for adam, 0.05 "
+                                      "for adagrad)", "train")
+    batch_size: int = _opt(128, "training rows per rank", "train")
+    length_buckets: int = _opt(16, "sort each run of K training batches by length before "
+                               "batching, so batches carry little padding; 0 turns it off",
+                               "train", metavar="K")
+    pipeline: str = _opt("auto", "training loop (auto: sparse_dist when sharded, else plain)",
+                         "train", choices=("auto", "sparse_dist", "base", "plain"))
+    # --- run ---
+    seed: int = _opt(0, "random seed", "run")
+    sharding: str | None = _opt(None, "shard tables with DMP (default: unsharded in one process, "
+                                "row_wise under torchrun)", "run",
+                                choices=("table_wise", "row_wise", "column_wise"))
+    device: str | None = _opt(None, "default: cuda if available", "run", choices=("cpu", "cuda"))
+    checkpoint_dir: str | None = _opt(None, "checkpoint after every epoch here", "run")
+    resume: bool = _opt(False, "continue from --checkpoint-dir", "run")
+    eval_batch_size: int = _opt(1024, "evaluation rows per rank", "run")
+    mask_seen: bool = _opt(False, "do not rank items already in the history", "run")
+    no_progress: bool = _opt(False, "no tqdm bar", "run")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices is not None and value is not None and value not in choices:
+                raise ValueError(f"RunConfig.{f.name}={value!r}: choose from {list(choices)}")
+        for name in ("max_len", "d_model", "num_layers", "d_state", "d_conv", "expand",
+                     "num_heads", "epochs", "patience", "batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"RunConfig.{name} must be an int >= 1, got {value!r}")
+        for name in ("sampled_softmax", "length_buckets", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"RunConfig.{name} must be an int >= 0, got {value!r}")
+        for name in ("dropout", "attn_dropout"):
+            p = getattr(self, name)
+            if p is not None and not 0.0 <= p < 1.0:
+                raise ValueError(f"RunConfig.{name} must be in [0, 1), got {p!r}")
+        if not self.lr > 0:
+            raise ValueError(f"RunConfig.lr must be > 0, got {self.lr!r}")
+        if self.resume and self.checkpoint_dir is None:
+            raise ValueError("RunConfig.resume=True needs a checkpoint_dir")
+
+    def resolved(self, world_size: int = 1) -> RunConfig:
+        """A copy with the per-model dropout filled in and, under torchrun, sharding row_wise."""
+        changes: dict[str, Any] = {}
+        if self.dropout is None:
+            changes["dropout"] = MODEL_DROPOUT[self.model]
+        if world_size > 1 and self.sharding is None:
+            changes["sharding"] = "row_wise"
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, JSON-ready."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        """Build from a dict; an unknown key is a ``ValueError`` naming it (missing: default)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown RunConfig key(s) {unknown}; known keys: {sorted(names)}")
+        return cls(**values)
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``run_config.json`` (``path`` is its folder, or the file itself); returns it."""
+        target = Path(path)
+        if target.suffix != ".json":
+            target.mkdir(parents=True, exist_ok=True)
+            target = target / RUN_CONFIG
+        target.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return target
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        """Read what :meth:`save` wrote (a folder holding ``run_config.json``, or the file)."""
+        target = Path(path)
+        if target.is_dir():
+            target = target / RUN_CONFIG
+        if not target.is_file():
+            raise FileNotFoundError(f"{target} not found (written by `torchrec-mamba train`)")
+        values = json.loads(target.read_text())
+        if not isinstance(values, dict):
+            raise ValueError(f"{target}: expected a JSON object, got {type(values).__name__}")
+        return cls.from_dict(values)
+
+
+def add_run_config_args(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per :class:`RunConfig` field, with its default, type, choices and help."""
+    hints = typing.get_type_hints(RunConfig)
+    groups: dict[str, Any] = {}
+    for f in dataclasses.fields(RunConfig):
+        meta = dict(f.metadata)
+        group_name = meta.pop("group")
+        group = groups.get(group_name) or parser.add_argument_group(group_name)
+        groups[group_name] = group
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        required = meta.pop("required", False)
+        help_text = meta.pop("help")
+        if "(default" not in help_text and f.default not in (None, ""):
+            help_text += f" (default {f.default})"
+        if kind is bool:
+            group.add_argument(flag, action="store_true", help=help_text)
+            continue
+        base = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
+        group.add_argument(flag, type=base, default=None if required else f.default,
+                           required=required, help=help_text, **meta)
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a model needs from the data to be rebuilt without it (saved as ``data_info.json``).
+
+    Args:
+        num_items (int): items I (table rows I + 1).
+        num_categories (int): categories C (0: no category table). Default: 0.
+        num_users (int): users in the training data. Default: 0.
+        raw_item_ids (list[int] | None): raw id of each dense item id (entry 0 padding, -1),
+            when the reader re-indexed the items. Default: None.
+
+    Example::
+
+        >>> DataInfo(num_items=3, raw_item_ids=[-1, 10, 20, 30]).num_items
+        3
+    """
+
+    num_items: int
+    num_categories: int = 0
+    num_users: int = 0
+    raw_item_ids: list[int] | None = None
+
+    @classmethod
+    def from_sequence_data(cls, data: Any) -> DataInfo:
+        """From a :class:`~torchrec_mamba.data.SequenceData` (categories only when it has them)."""
+        return cls(
+            num_items=int(data.num_items),
+            num_categories=int(data.num_categories) if data.item_category is not None else 0,
+            num_users=int(data.num_users),
+            raw_item_ids=[int(i) for i in data.raw_item_ids],
+        )
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``directory/data_info.json``; returns its path."""
+        target = Path(directory) / DATA_INFO
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(dataclasses.asdict(self)) + "\n")
+        return target
+
+    @classmethod
+    def load(cls, directory: str | Path) -> DataInfo:
+        """Read ``directory/data_info.json``; an unknown key is a ``ValueError``."""
+        values = json.loads((Path(directory) / DATA_INFO).read_text())
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown DataInfo key(s) {unknown}")
+        return cls(**values)
+
+
+def build_model(
+    config: RunConfig,
+    data: DataInfo,
+    device: torch.device | str | None = None,
+    item_counts: Tensor | None = None,
+) -> Any:
+    """The run's ``SequentialRecommender``: ``mamba4rec(...)`` or ``sasrec(...)`` from the config.
+
+    Seed torch before calling it: the encoder, then the tables, draw their initial weights.
+
+    Args:
+        config (RunConfig): the run (``dropout=None`` resolves per model).
+        data (DataInfo): table sizes; categories are fused (and their task trained when
+            ``category_loss_weight > 0``) only when ``data.num_categories > 0``.
+        device (torch.device | str | None): parameter device. Default: None (CPU).
+        item_counts (Tensor | None): (I + 1,) training counts of each item, the proposal of the
+            sampled softmax (count training ids only, so nothing leaks). Default: None.
+
+    Example::
+
+        >>> m = build_model(RunConfig(d_model=8, d_state=4, num_layers=1, backend="reference"),
+        ...                 DataInfo(num_items=10))
+        >>> type(m).__name__, m.tasks[0].name
+        ('SequentialRecommender', 'next_item')
+
+    Returns:
+        SequentialRecommender: the model.
+    """
+    from torchrec_mamba.models import SampledSoftmaxConfig, mamba4rec, sasrec
+
+    cfg = config.resolved()
+    sampled = SampledSoftmaxConfig(num_negatives=cfg.sampled_softmax) if cfg.sampled_softmax else None
+    common: dict[str, Any] = dict(
+        num_categories=data.num_categories,
+        category_loss_weight=cfg.category_loss_weight if data.num_categories > 0 else 0.0,
+        loss_positions=cfg.loss_positions,
+        sampled_softmax=sampled,
+        item_counts=item_counts if sampled is not None else None,
+        device=device,
+        num_layers=cfg.num_layers,
+        dropout=cfg.dropout,
+    )
+    if cfg.model == "mamba4rec":
+        return mamba4rec(data.num_items, cfg.d_model, d_state=cfg.d_state, d_conv=cfg.d_conv,
+                         expand=cfg.expand, backend=cfg.backend, init=cfg.init, **common)
+    return sasrec(data.num_items, cfg.d_model, num_heads=cfg.num_heads, max_len=cfg.max_len,
+                  attn_dropout=cfg.attn_dropout, **common)
