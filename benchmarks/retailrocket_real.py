@@ -10,8 +10,9 @@ preprocessing of RetailRocket ``view`` events, item ids re-indexed 1..36968, no 
 * ``test_prefix_target.tsv.gz``: COTREC's 15,132 ``prefix \\t target`` pairs; each is one test row.
 
 Metrics: full ranking over all 36,968 items, HR/NDCG/MRR@{10,20} (seen items not masked), test at
-the best validation NDCG@10 epoch (:func:`torchrec_mamba.train.loop.fit`). Both models use the same
-``Mamba4Rec`` wrapper (tables, tied head, loss, optimizer); only the encoder differs. With ~0.5 M
+the best validation NDCG@10 epoch (:func:`torchrec_mamba.train.loop.fit`). Both models come from
+the library's ``build_model`` (same tables, tied next-item task, loss, optimizer); only the
+encoder differs. With ~0.5 M
 training pairs a full softmax over 37k items is too slow for 2 CPU cores, so the default trains
 with a sampled softmax (``--sampled-softmax 1024`` negatives from the popularity proposal, logQ
 correction); evaluation is always the full ranking. ``--sampled-softmax 0`` trains full softmax.
@@ -137,36 +138,20 @@ def by_length(rows: list[np.ndarray]) -> list[np.ndarray]:
 
 
 # --- models ---------------------------------------------------------------------------------------
-def build_model(kind: str, num_items: int, item_counts: Any, args: argparse.Namespace,
-                device: Any) -> Any:
-    """``Mamba4Rec`` with the Mamba (``"mamba4rec"``) or the SASRec (``"sasrec"``) encoder."""
-    import torch
+def run_config(kind: str, args: argparse.Namespace) -> Any:
+    """This benchmark's settings for ``kind`` as a library ``RunConfig`` (its own defaults)."""
+    from torchrec_mamba.train.config import RunConfig
 
-    from torchrec_mamba.models import (
-        Mamba4Rec,
-        Mamba4RecConfig,
-        SampledSoftmaxConfig,
-        SASRecEncoder,
+    return RunConfig(
+        data=f"sessions:{args.data_dir}", output="", model=kind, max_len=args.max_len,
+        d_model=args.d_model, d_state=args.d_state,
+        num_layers=args.mamba_layers if kind == "mamba4rec" else args.sasrec_layers,
+        num_heads=2, dropout=args.dropout, attn_dropout=0.0,
+        sampled_softmax=args.sampled_softmax, epochs=args.epochs, patience=args.patience,
+        lr=args.lr, batch_size=args.batch_size, length_buckets=args.length_buckets,
+        eval_batch_size=args.eval_batch_size, seed=args.seed, device=args.device,
+        no_progress=args.no_progress,
     )
-    from torchrec_mamba.modules import MambaSequenceEncoder
-
-    torch.manual_seed(args.seed)
-    if kind == "mamba4rec":
-        encoder: torch.nn.Module = MambaSequenceEncoder(
-            d_model=args.d_model, num_layers=args.mamba_layers, d_state=args.d_state,
-            dropout=args.dropout, device=device,
-        )
-    else:
-        encoder = SASRecEncoder(
-            d_model=args.d_model, num_layers=args.sasrec_layers, num_heads=2,
-            max_len=args.max_len, dropout=args.dropout, attn_dropout=0.0, device=device,
-        )
-    sampled = (
-        SampledSoftmaxConfig(num_negatives=args.sampled_softmax) if args.sampled_softmax else None
-    )
-    config = Mamba4RecConfig(num_items=num_items, embedding_dim=args.d_model,
-                             sampled_softmax=sampled)
-    return Mamba4Rec(config, encoder, item_counts=item_counts, device=device)
 
 
 def popularity_metrics(counts: np.ndarray, test_targets: np.ndarray) -> dict[str, float]:
@@ -225,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import torch
 
     from torchrec_mamba.data import SequenceLoader, windows_from_sequences
+    from torchrec_mamba.train.config import DataInfo, build_model
     from torchrec_mamba.train.distributed import (
         EmbeddingOptimizerConfig,
         build_optimizer,
@@ -263,7 +249,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     for kind in models:
         t0 = time.perf_counter()
-        model = build_model(kind, num_items, torch.from_numpy(counts).float(), args, ctx.device)
+        torch.manual_seed(args.seed)
+        model = build_model(run_config(kind, args), DataInfo(num_items=num_items), ctx.device,
+                            item_counts=torch.from_numpy(counts).float())
         optimizer = build_optimizer(model, args.lr, 0.0, EmbeddingOptimizerConfig("adam", lr=args.lr))
         res = fit(model, optimizer, loaders["train"], loaders["valid"], loaders["test"],
                   fit_config, ctx)

@@ -9,11 +9,14 @@ Steps, top to bottom:
    at each event, time split (last ``--test-days`` days test, the ``--valid-days`` before valid),
    NVTabular ``Categorify`` / ``Groupby`` / ``ListSlice`` into parquet shards in
    ``WORK_DIR/processed``;
-3. Mamba4Rec: category embeddings summed into the item embeddings, a next-item and a next-category
-   head (tied softmax), all-position loss; early-stopped on validation NDCG@10 (next item);
-   training batches are length-bucketed (``--bucket``, ``ParquetSequenceLoader(bucket=...)``);
-4. the SASRec baseline: the same ``Mamba4Rec`` wrapper, tables, heads, loss and optimizer, with a
-   ``SASRecEncoder`` instead of the Mamba stack;
+3. Mamba4Rec (``build_model`` of a ``RunConfig``): category embeddings summed into the item
+   embeddings, a ``NextItemTask`` and a ``NextCategoryTask`` (tied softmax), all-position loss;
+   trained by the library's ``train.fit`` (early stopping on validation NDCG@10, next item; test
+   at the best epoch; a resumable checkpoint per epoch in ``OUTPUT_DIR/checkpoints/MODEL``,
+   ``--resume`` continues it; the best weights in ``OUTPUT_DIR/MODEL/model.pt``); training batches
+   are length-bucketed (``--bucket``, ``ParquetSequenceLoader(bucket=...)``);
+4. the SASRec baseline: the same tables, tasks, loss, optimizer and trainer with the SASRec
+   encoder (``sasrec(...)``) instead of the Mamba stack;
 5. a most-popular baseline: train-label frequencies of items and of categories;
 6. test split, full ranking over all items (and all categories): HR/NDCG/MRR@{1,10,20}, each
    model at its best validation epoch;
@@ -26,10 +29,8 @@ Run::
     python examples/retailrocket/run.py                                   # synthetic demo
     python examples/retailrocket/run.py --data-dir ~/data/retailrocket    # the Kaggle files
 
-The training epochs reuse :func:`torchrec_mamba.train.loop.train_one_epoch` and the next-item
-metrics :func:`torchrec_mamba.train.loop.evaluate`; the epoch loop is local because
-:func:`~torchrec_mamba.train.loop.fit` reports next-item metrics only, and here the test
-next-category metrics must come from the same (best) epoch.
+Everything that trains and evaluates is the library's (``torchrec_mamba.train``); this script
+keeps only the ETL, the popularity baseline and the report.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import copy  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
@@ -60,20 +60,15 @@ from torchrec_mamba_preprocessing.synthetic import (  # noqa: E402
 )
 
 from torchrec_mamba.data import ParquetSequenceLoader  # noqa: E402
-from torchrec_mamba.models import (  # noqa: E402
-    Mamba4Rec,
-    Mamba4RecConfig,
-    SampledSoftmaxConfig,
-    SASRecEncoder,
-)
-from torchrec_mamba.modules import MambaSequenceEncoder  # noqa: E402
+from torchrec_mamba.models import SequentialRecommender  # noqa: E402
+from torchrec_mamba.train.config import DataInfo, RunConfig, build_model  # noqa: E402
 from torchrec_mamba.train.distributed import (  # noqa: E402
     DistributedContext,
     EmbeddingOptimizerConfig,
     build_optimizer,
     init_distributed,
 )
-from torchrec_mamba.train.loop import evaluate, train_one_epoch  # noqa: E402
+from torchrec_mamba.train.loop import FitConfig, fit  # noqa: E402
 from torchrec_mamba.train.metrics import RankingMetrics  # noqa: E402
 
 __all__ = ["BUCKET", "KS", "MODELS", "TASKS", "build_parser", "main"]
@@ -141,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (default 5e-3)")
     train.add_argument("--device", default=None, choices=["cpu", "cuda"],
                        help="default: cuda when available")
+    train.add_argument("--resume", action="store_true",
+                       help="continue each model from its checkpoint in OUTPUT_DIR/checkpoints")
     train.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     return p
 
@@ -251,61 +248,21 @@ def label_counts(loader: ParquetSequenceLoader, key: str, size: int) -> Tensor:
 
 
 # --- 3-4: models ----------------------------------------------------------------------------------
-def build_model(kind: str, splits: Splits, args: argparse.Namespace, item_counts: Tensor,
-                device: torch.device) -> Mamba4Rec:
-    """Mamba4Rec with the Mamba encoder (``"mamba4rec"``) or the SASRec encoder (``"sasrec"``)."""
-    torch.manual_seed(args.seed)
-    encoder: torch.nn.Module
-    if kind == "mamba4rec":
-        encoder = MambaSequenceEncoder(
-            d_model=args.d_model, num_layers=args.mamba_layers, d_state=args.d_state,
-            dropout=args.dropout, backend=args.backend, device=device,
-        )
-    elif kind == "sasrec":
-        encoder = SASRecEncoder(
-            d_model=args.d_model, num_layers=args.sasrec_layers, num_heads=args.num_heads,
-            max_len=args.max_len, dropout=args.dropout, attn_dropout=0.0, device=device,
-        )
-    else:
+def run_config(kind: str, args: argparse.Namespace) -> RunConfig:
+    """The example's settings for ``kind`` as a library :class:`RunConfig` (its own defaults)."""
+    if kind not in MODELS:
         raise ValueError(f"unknown model {kind!r}; choose from {MODELS}")
-    sampled = (
-        SampledSoftmaxConfig(num_negatives=args.sampled_softmax) if args.sampled_softmax else None
+    return RunConfig(
+        data=f"parquet:{args.work_dir / 'processed'}", output=str(args.output_dir / kind), model=kind,
+        max_len=args.max_len, d_model=args.d_model, d_state=args.d_state,
+        num_layers=args.mamba_layers if kind == "mamba4rec" else args.sasrec_layers,
+        num_heads=args.num_heads, dropout=args.dropout, attn_dropout=0.0, backend=args.backend,
+        sampled_softmax=args.sampled_softmax, category_loss_weight=args.category_loss_weight,
+        epochs=args.epochs, patience=args.patience, lr=args.lr, batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size, length_buckets=args.bucket, seed=args.seed,
+        device=args.device, checkpoint_dir=str(args.output_dir / "checkpoints" / kind),
+        resume=args.resume, no_progress=args.no_progress,
     )
-    config = Mamba4RecConfig(
-        num_items=splits.num_items,
-        embedding_dim=args.d_model,
-        num_categories=splits.num_categories,
-        category_loss_weight=args.category_loss_weight,
-        sampled_softmax=sampled,
-    )
-    return Mamba4Rec(config, encoder, item_counts=item_counts.float(), device=device)
-
-
-@torch.no_grad()
-def evaluate_categories(model: Mamba4Rec, loader: ParquetSequenceLoader,
-                        device: torch.device) -> dict[str, float]:
-    """Full-ranking next-category metrics (every category is a candidate)."""
-    was_training = model.training
-    model.eval()
-    try:
-        cats = model.category_embeddings()  # (C, D), one table read for the whole loader
-        metrics = RankingMetrics(ks=KS, device="cpu")
-        for batch in loader:
-            batch = batch.to(device)
-            scores = model.category_scores(batch, category_embeddings=cats)  # (B, C + 1)
-            metrics.update(scores, batch.targets("category"), mask=batch.mask)
-        return metrics.compute()
-    finally:
-        model.train(was_training)
-
-
-def evaluate_both(model: Mamba4Rec, loader: ParquetSequenceLoader,
-                  ctx: DistributedContext) -> dict[str, dict[str, float]]:
-    """Next-item (the shared :func:`evaluate`) and next-category metrics."""
-    return {
-        "next_item": evaluate(model, loader, ctx, ks=KS),
-        "next_category": evaluate_categories(model, loader, ctx.device),
-    }
 
 
 @dataclass
@@ -316,7 +273,8 @@ class TrainResult:
         test (dict[str, dict[str, float]]): test metrics per task at the best epoch.
         valid (dict[str, dict[str, float]]): validation metrics per task at the best epoch.
         best_epoch (int): 1-based.
-        history (list[dict[str, Any]]): per epoch ``epoch``, ``loss``, ``valid``, ``seconds``.
+        history (list[dict[str, Any]]): per epoch ``epoch``, ``loss``, ``valid``, ``tasks``,
+            ``train_seconds`` (``FitResult.history``).
         seconds (float): wall time of training and evaluation.
     """
 
@@ -327,43 +285,19 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def train_model(name: str, model: Mamba4Rec, splits: Splits, args: argparse.Namespace,
+def train_model(cfg: RunConfig, model: SequentialRecommender, splits: Splits,
                 ctx: DistributedContext) -> TrainResult:
-    """Epochs with early stopping on validation NDCG@10; test both tasks at the best epoch."""
+    """``train.fit`` with both tasks evaluated; resumable checkpoints in ``cfg.checkpoint_dir``."""
     start = time.perf_counter()
-    optimizer = build_optimizer(model, args.lr, 0.0, EmbeddingOptimizerConfig("adam", lr=args.lr))
-    best_score, best_epoch, since_best = -1.0, 0, 0
-    best_state: dict[str, Tensor] = {}
-    best_valid: dict[str, dict[str, float]] = {}
-    history: list[dict[str, Any]] = []
-    for epoch in range(args.epochs):
-        splits.train.set_epoch(epoch)
-        t0 = time.perf_counter()
-        loss = train_one_epoch(model, optimizer, splits.train, ctx,
-                               progress=not args.no_progress, epoch=epoch)
-        valid = evaluate_both(model, splits.valid, ctx)
-        score = valid["next_item"][MONITOR]
-        improved = score > best_score
-        if improved:
-            best_score, best_epoch, since_best, best_valid = score, epoch + 1, 0, valid
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            since_best += 1
-        history.append({"epoch": epoch + 1, "loss": loss, "valid": valid,
-                        "seconds": time.perf_counter() - t0})
-        logger.info(
-            "%s epoch %d: loss %.3f, valid next-item %s %.4f, next-category %s %.4f%s (%.1fs)",
-            name, epoch + 1, loss, MONITOR, score, MONITOR, valid["next_category"][MONITOR],
-            " *" if improved else "", time.perf_counter() - t0,
-        )
-        if since_best >= args.patience:
-            logger.info("%s: no better validation %s for %d epochs, stopping",
-                        name, MONITOR, args.patience)
-            break
-    model.load_state_dict(best_state)
-    test = evaluate_both(model, splits.test, ctx)
-    return TrainResult(test=test, valid=best_valid, best_epoch=best_epoch, history=history,
-                       seconds=time.perf_counter() - start)
+    optimizer = build_optimizer(model, cfg.lr, 0.0, EmbeddingOptimizerConfig("adam", lr=cfg.lr))
+    fit_config = FitConfig(
+        epochs=cfg.epochs, patience=cfg.patience, monitor=MONITOR, ks=KS, all_tasks=True,
+        checkpoint_dir=cfg.checkpoint_dir, resume=cfg.resume, progress=not cfg.no_progress,
+        best_model_path=str(Path(cfg.output) / "model.pt"),
+    )
+    res = fit(model, optimizer, splits.train, splits.valid, splits.test, fit_config, ctx)
+    return TrainResult(test=res.test_tasks, valid=res.valid_tasks, best_epoch=res.best_epoch,
+                       history=res.history, seconds=time.perf_counter() - start)
 
 
 # --- 5: popularity --------------------------------------------------------------------------------
@@ -402,7 +336,7 @@ def plot_curves(results: dict[str, TrainResult], path: Path) -> None:
     for name, res in results.items():
         epochs = [h["epoch"] for h in res.history]
         for ax, task in zip(axes[:2], TASKS, strict=True):
-            ax.plot(epochs, [h["valid"][task][MONITOR] for h in res.history], marker="o",
+            ax.plot(epochs, [h["tasks"][task][MONITOR] for h in res.history], marker="o",
                     label=name)
         axes[2].plot(epochs, [h["loss"] for h in res.history], marker="o", label=name)
         axes[0].axvline(res.best_epoch, ls=":", lw=1, color=axes[0].lines[-1].get_color())
@@ -472,10 +406,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     item_counts = label_counts(splits.train, "item", splits.num_items)
     category_counts = label_counts(splits.train, "category", splits.num_categories)
+    info = DataInfo(num_items=splits.num_items, num_categories=splits.num_categories)
     results: dict[str, TrainResult] = {}
     for kind in models:
-        model = build_model(kind, splits, args, item_counts, ctx.device)
-        results[kind] = train_model(kind, model, splits, args, ctx)
+        cfg = run_config(kind, args)
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg, info, ctx.device, item_counts=item_counts.float())
+        cfg.save(cfg.output)
+        info.save(cfg.output)
+        results[kind] = train_model(cfg, model, splits, ctx)
     popularity = {
         "next_item": evaluate_popularity(splits.test, popularity_scores(item_counts), "item"),
         "next_category": evaluate_popularity(

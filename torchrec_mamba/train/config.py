@@ -175,7 +175,7 @@ class RunConfig:
     def load(cls, path: str | Path) -> RunConfig:
         """Read what :meth:`save` wrote (a folder holding ``run_config.json``, or the file)."""
         target = Path(path)
-        if target.is_dir():
+        if target.suffix != ".json":
             target = target / RUN_CONFIG
         if not target.is_file():
             raise FileNotFoundError(f"{target} not found (written by `torchrec-mamba train`)")
