@@ -30,7 +30,9 @@ RUN = ROOT / "examples" / "retailrocket" / "run.py"
 BENCH = ROOT / "benchmarks" / "retailrocket_real.py"
 KS = (1, 10, 20)
 METRIC_KEYS = {f"{m}@{k}" for m in ("hr", "ndcg", "mrr") for k in KS}
-ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+# the script must import this checkout's package, not whatever the venv has installed
+ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE",
+       "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
 
 
 def _load(path: Path, name: str) -> ModuleType:
@@ -95,6 +97,12 @@ def test_example_json_line(tiny_run: tuple[dict[str, Any], Path, Path]) -> None:
     assert (out_dir / "curves.png").stat().st_size > 1000
     saved = json.loads((out_dir / "results.json").read_text())
     assert saved["next_item"] == out["next_item"] and len(saved["history"]["sasrec"]) == 1
+    for kind in ("mamba4rec", "sasrec"):  # trained by train.fit: resumable checkpoint + run dir
+        assert (out_dir / "checkpoints" / kind / "checkpoint.pt").is_file()
+        assert {p.name for p in (out_dir / kind).iterdir()} >= {
+            "run_config.json", "data_info.json", "model.pt"}
+        state = torch.load(out_dir / kind / "model.pt", weights_only=True)
+        assert state["ec.embeddings.category.weight"].shape[0] == out["etl"]["vocab_sizes"]["category"]
 
 
 def _popularity_reference(processed: Path, key: str) -> dict[str, float]:

@@ -140,7 +140,7 @@ def _prepare_run(cfg: RunConfig, ctx: DistributedContext):  # type: ignore[no-un
     emb_opt = resolve_embedding_optimizer(
         cfg.embedding_optimizer, cfg.embedding_lr, cfg.lr, sharded, ctx.device
     )
-    if sharded:
+    if cfg.sharding is not None:
         model = shard_model(model, cfg.sharding, ctx, emb_opt)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, emb_opt)
     derived = dict(embedding_optimizer_resolved={"name": emb_opt.name, "lr": emb_opt.lr},

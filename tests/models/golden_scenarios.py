@@ -17,7 +17,13 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_mamba.data.batch import SequenceBatch
-from torchrec_mamba.models import Mamba4Rec, Mamba4RecConfig, SampledSoftmaxConfig, SASRecEncoder, SideFeature
+from torchrec_mamba.models import (
+    Mamba4Rec,
+    Mamba4RecConfig,
+    SampledSoftmaxConfig,
+    SASRecEncoder,
+    SideFeature,
+)
 from torchrec_mamba.modules import MambaSequenceEncoder
 
 GOLDEN = Path(__file__).with_name("golden_losses.json")
@@ -39,7 +45,7 @@ def _batch(gen: torch.Generator, categories: bool, side: bool) -> SequenceBatch:
     total = int(lengths.sum())
     items = torch.randint(1, ITEMS + 1, (total + 4,), generator=gen)
     starts = torch.cumsum(lengths, 0) - lengths
-    idx = torch.cat([torch.arange(int(s), int(s) + int(n)) + i for i, (s, n) in enumerate(zip(starts, lengths))])
+    idx = torch.cat([torch.arange(int(s), int(s) + int(n)) + i for i, (s, n) in enumerate(zip(starts, lengths, strict=True))])
     inputs, labels = items[idx], items[idx + 1]
     keys, lens = ["item"], [lengths]
     in_vals, lab_vals = [inputs], [labels]

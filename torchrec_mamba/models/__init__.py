@@ -19,7 +19,11 @@ from torchrec_mamba.models.mamba4rec import (
     mamba4rec,
     sasrec,
 )
-from torchrec_mamba.models.recommender import RecommenderOutput, SequenceTower, SequentialRecommender
+from torchrec_mamba.models.recommender import (
+    RecommenderOutput,
+    SequenceTower,
+    SequentialRecommender,
+)
 from torchrec_mamba.models.side import SideFeature
 from torchrec_mamba.models.tables import SequenceTables
 from torchrec_mamba.models.tasks import NextCategoryTask, NextItemTask, TiedSoftmaxTask

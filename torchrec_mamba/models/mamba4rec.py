@@ -21,7 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from torchrec_mamba.models.heads import SampledSoftmaxConfig
-from torchrec_mamba.models.recommender import RecommenderOutput, SequenceTower, SequentialRecommender
+from torchrec_mamba.models.recommender import (
+    RecommenderOutput,
+    SequenceTower,
+    SequentialRecommender,
+)
 from torchrec_mamba.models.side import SideFeature
 from torchrec_mamba.models.tables import (
     CATEGORY,
@@ -30,7 +34,12 @@ from torchrec_mamba.models.tables import (
     ITEM_CANDIDATES,
     SequenceTables,
 )
-from torchrec_mamba.models.tasks import LossPositions, NextCategoryTask, NextItemTask, TiedSoftmaxTask
+from torchrec_mamba.models.tasks import (
+    LossPositions,
+    NextCategoryTask,
+    NextItemTask,
+    TiedSoftmaxTask,
+)
 from torchrec_mamba.modules.encoder import MambaSequenceEncoder
 from torchrec_mamba.modules.sasrec import SASRecEncoder
 

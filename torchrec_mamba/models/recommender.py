@@ -35,7 +35,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, Keyed
 from torchrec_mamba.data.batch import SequenceBatch
 from torchrec_mamba.models.side import SideFeature, add_side, build_side_tables, check_side_ids
 from torchrec_mamba.models.tables import CATEGORY, ITEM, SequenceTables, candidate_key, check_range
-from torchrec_mamba.models.tasks import TiedSoftmaxTask, select_targets
+from torchrec_mamba.models.tasks import TiedSoftmaxTask, check_tasks, select_targets
 from torchrec_mamba.modules.sequence import gather_last, jagged_to_padded_dense
 
 __all__ = ["RecommenderOutput", "SequenceTower", "SequentialRecommender"]
@@ -195,7 +195,7 @@ class SequentialRecommender(nn.Module):
             raise ValueError(
                 f"encoder d_model={d_model} differs from embedding_dim={tables.embedding_dim}"
             )
-        _check_tasks(tables, tasks)
+        check_tasks(tables, tasks)
         self.tables = tables
         self.side_features = tuple(side_features)
         self.sequence_keys: list[str] = tables.keys
@@ -387,23 +387,3 @@ class SequentialRecommender(nn.Module):
                 "(build it with num_categories=C)"
             )
 
-
-def _check_tasks(tables: SequenceTables, tasks: Sequence[TiedSoftmaxTask]) -> None:
-    """Raise ``ValueError`` unless the tasks fit the tables and something is trained."""
-    if not tasks:
-        raise ValueError("a SequentialRecommender needs at least one task")
-    names = [t.name for t in tasks]
-    if len(set(names)) != len(names):
-        raise ValueError(f"duplicate task names: {names}")
-    for t in tasks:
-        if not isinstance(t, TiedSoftmaxTask):
-            raise TypeError(f"tasks must be TiedSoftmaxTask, got {type(t).__name__}")
-        if t.key not in tables.keys:
-            raise ValueError(f"task {t.name!r} needs table {t.key!r}; the tables are {tables.keys}")
-        if t.num_ids != tables.num_ids(t.key):
-            raise ValueError(
-                f"task {t.name!r} has num_ids={t.num_ids} but table {t.key!r} has "
-                f"{tables.num_ids(t.key)} ids"
-            )
-    if all(t.loss_weight == 0 for t in tasks):
-        raise ValueError("every task has loss_weight 0: nothing to train")

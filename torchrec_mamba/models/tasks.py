@@ -20,13 +20,14 @@ RecBole's prefix augmentation; ``"last"`` only on each row's final target (the p
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from torchrec_mamba.models.heads import FullSoftmaxHead, SampledSoftmaxConfig, SampledSoftmaxHead
-from torchrec_mamba.models.tables import CATEGORY, ITEM, candidate_key
+from torchrec_mamba.models.tables import CATEGORY, ITEM, SequenceTables, candidate_key
 from torchrec_mamba.modules.sequence import gather_last, padding_mask
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "NextCategoryTask",
     "NextItemTask",
     "TiedSoftmaxTask",
+    "check_tasks",
     "last_label",
     "proposal_log_q",
     "select_targets",
@@ -275,3 +277,24 @@ class NextCategoryTask(TiedSoftmaxTask):
         self, num_categories: int, loss_weight: float = 1.0, loss_positions: LossPositions = "all"
     ) -> None:
         super().__init__(CATEGORY, "next_category", num_categories, loss_weight, loss_positions)
+
+
+def check_tasks(tables: SequenceTables, tasks: Sequence[TiedSoftmaxTask]) -> None:
+    """Raise ``ValueError`` unless the tasks fit the tables and something is trained."""
+    if not tasks:
+        raise ValueError("a SequentialRecommender needs at least one task")
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate task names: {names}")
+    for t in tasks:
+        if not isinstance(t, TiedSoftmaxTask):
+            raise TypeError(f"tasks must be TiedSoftmaxTask, got {type(t).__name__}")
+        if t.key not in tables.keys:
+            raise ValueError(f"task {t.name!r} needs table {t.key!r}; the tables are {tables.keys}")
+        if t.num_ids != tables.num_ids(t.key):
+            raise ValueError(
+                f"task {t.name!r} has num_ids={t.num_ids} but table {t.key!r} has "
+                f"{tables.num_ids(t.key)} ids"
+            )
+    if all(t.loss_weight == 0 for t in tasks):
+        raise ValueError("every task has loss_weight 0: nothing to train")

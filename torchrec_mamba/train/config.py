@@ -18,7 +18,7 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -41,6 +41,8 @@ MODEL_DROPOUT = {"mamba4rec": 0.5, "sasrec": 0.4}
 
 _MODELS = ("mamba4rec", "sasrec")
 _BACKENDS = ("auto", "fused", "cpu", "chunked", "reference")
+Pipeline = Literal["auto", "sparse_dist", "base", "plain"]
+Sharding = Literal["table_wise", "row_wise", "column_wise"]
 
 
 def _opt(default: Any, help: str, group: str, **extra: Any) -> Any:  # noqa: A002 - argparse's name
@@ -102,11 +104,11 @@ class RunConfig:
     length_buckets: int = _opt(16, "sort each run of K training batches by length before "
                                "batching, so batches carry little padding; 0 turns it off",
                                "train", metavar="K")
-    pipeline: str = _opt("auto", "training loop (auto: sparse_dist when sharded, else plain)",
+    pipeline: Pipeline = _opt("auto", "training loop (auto: sparse_dist when sharded, else plain)",
                          "train", choices=("auto", "sparse_dist", "base", "plain"))
     # --- run ---
     seed: int = _opt(0, "random seed", "run")
-    sharding: str | None = _opt(None, "shard tables with DMP (default: unsharded in one process, "
+    sharding: Sharding | None = _opt(None, "shard tables with DMP (default: unsharded in one process, "
                                 "row_wise under torchrun)", "run",
                                 choices=("table_wise", "row_wise", "column_wise"))
     device: str | None = _opt(None, "default: cuda if available", "run", choices=("cpu", "cuda"))
@@ -203,7 +205,9 @@ def add_run_config_args(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             group.add_argument(flag, action="store_true", help=help_text)
             continue
-        base = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
+        if typing.get_origin(kind) is not Literal and typing.get_args(kind):  # X | None
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        base = str if typing.get_origin(kind) is Literal else kind  # Literal: its values are choices
         group.add_argument(flag, type=base, default=None if required else f.default,
                            required=required, help=help_text, **meta)
 

@@ -37,7 +37,7 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterCons
 from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 
-from torchrec_mamba.models.recommender import SequentialRecommender as Mamba4Rec  # any factory's model
+from torchrec_mamba.models.recommender import SequentialRecommender as Mamba4Rec
 
 __all__ = [
     "DEFAULT_ADAGRAD_LR",

@@ -27,7 +27,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -153,6 +154,36 @@ def _mean_over_ranks(value: float, ctx: DistributedContext) -> float:
     return float(t) / ctx.world_size
 
 
+def _steps(
+    model: nn.Module,
+    optimizer: KeyedOptimizer,
+    batches: Iterator[SequenceBatch],
+    kind: str,
+    ctx: DistributedContext,
+) -> Generator[Any, None, None]:
+    """One optimizer step per batch; yields each step's output (``out.loss`` is detached)."""
+    if kind == "plain":
+        for batch in batches:
+            optimizer.zero_grad()
+            loss, out = model(batch)
+            loss.backward()
+            optimizer.step()
+            yield out
+        return
+    cls = TrainPipelineSparseDist if kind == "sparse_dist" else TrainPipelineBase
+    pipe = cls(model, optimizer, ctx.device)
+    try:
+        while True:
+            try:
+                out = pipe.progress(batches)
+            except StopIteration:
+                return
+            yield out
+    finally:
+        if isinstance(pipe, TrainPipelineSparseDist):
+            pipe.detach()  # restore the sharded modules' own forwards for evaluation
+
+
 def train_one_epoch(
     model: nn.Module,
     optimizer: KeyedOptimizer,
@@ -194,32 +225,12 @@ def train_one_epoch(
     )
     total, count = 0.0, 0
     try:
-        if kind == "plain":
-            for batch in batches:
-                optimizer.zero_grad()
-                loss, out = model(batch)
-                loss.backward()
-                optimizer.step()
+        with closing(_steps(model, optimizer, batches, kind, ctx)) as steps:  # detach on errors too
+            for out in steps:
                 total, count = total + float(out.loss), count + 1
                 bar.update(1)
                 if on_batch_end is not None:
                     on_batch_end(epoch, count)
-        else:
-            cls = TrainPipelineSparseDist if kind == "sparse_dist" else TrainPipelineBase
-            pipe = cls(model, optimizer, ctx.device)
-            try:
-                while True:
-                    try:
-                        out = pipe.progress(batches)
-                    except StopIteration:
-                        break
-                    total, count = total + float(out.loss), count + 1
-                    bar.update(1)
-                    if on_batch_end is not None:
-                        on_batch_end(epoch, count)
-            finally:
-                if isinstance(pipe, TrainPipelineSparseDist):
-                    pipe.detach()  # restore the sharded modules' own forwards for evaluation
     finally:
         bar.close()
     return _mean_over_ranks(total / max(count, 1), ctx)
