@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
-from torchrec_mamba.models.sasrec import SASRecEncoder
+from torchrec_mamba.modules.sasrec import SASRecEncoder
 
 D = 8
 

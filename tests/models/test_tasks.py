@@ -81,3 +81,12 @@ def test_model_checks_tasks_against_tables() -> None:
     assert NextItemTask(5).metric_names((10,)) == [
         "next_item/hr@10", "next_item/ndcg@10", "next_item/mrr@10"
     ]
+
+
+def test_old_sasrec_module_path_does_not_shadow_the_factory() -> None:
+    import torchrec_mamba.models as models
+    from torchrec_mamba.models.sasrec import SASRecEncoder as Old  # the pre-refactor path
+    from torchrec_mamba.modules.sasrec import SASRecEncoder
+
+    assert Old is SASRecEncoder
+    assert callable(models.sasrec) and models.sasrec.__module__ == "torchrec_mamba.models.mamba4rec"

@@ -10,6 +10,11 @@
 The SASRec encoder lives in :mod:`torchrec_mamba.modules`; it is re-exported here.
 """
 
+# The old module path ``torchrec_mamba.models.sasrec`` (the SASRec encoder, now in modules/) is
+# imported first so that the name ``sasrec`` below ends up bound to the factory function: a later
+# ``from torchrec_mamba.models.sasrec import SASRecEncoder`` finds the module in sys.modules and
+# leaves this attribute alone.
+import torchrec_mamba.models.sasrec  # noqa: F401, I001  (must precede the factory import)
 from torchrec_mamba.models.heads import FullSoftmaxHead, SampledSoftmaxConfig, SampledSoftmaxHead
 from torchrec_mamba.models.mamba4rec import (
     Mamba4Rec,
