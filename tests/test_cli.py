@@ -44,10 +44,38 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def uninterrupted_dir(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run")
     assert main(train_args(tiny, out)) == 0
-    return json.loads((out / "metrics.json").read_text())
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_dir: Path) -> dict[str, Any]:
+    return json.loads((uninterrupted_dir / "metrics.json").read_text())
+
+
+def test_run_dir_rebuilds_the_best_model_without_training(
+    uninterrupted_dir: Path, uninterrupted: dict[str, Any]
+) -> None:
+    """run_config.json + data_info.json + model.pt give back the best epoch's test metrics."""
+    import torch
+
+    from torchrec_mamba.cli import _loaders
+    from torchrec_mamba.data import load_sequences
+    from torchrec_mamba.train.config import DataInfo, RunConfig, build_model
+    from torchrec_mamba.train.distributed import DistributedContext
+    from torchrec_mamba.train.loop import evaluate
+
+    cfg = RunConfig.load(uninterrupted_dir)
+    assert cfg.dropout == 0.2 and cfg.seed == 3 and cfg.output == str(uninterrupted_dir)
+    info = DataInfo.load(uninterrupted_dir)
+    assert info.num_items == 25 and len(info.raw_item_ids or []) == 26
+    model = build_model(cfg, info)
+    model.load_state_dict(torch.load(uninterrupted_dir / "model.pt", weights_only=True))
+    ctx = DistributedContext(0, 1, 0, torch.device("cpu"), None, False)
+    _, _, _, test = _loaders(cfg, load_sequences(cfg.data), ctx)
+    assert evaluate(model, test, ctx) == uninterrupted["test"]
 
 
 def test_train_writes_metrics_and_prints_them_last(
