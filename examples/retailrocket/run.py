@@ -371,6 +371,39 @@ def _setup_logging() -> None:
         logging.getLogger(name).setLevel(logging.INFO)
 
 
+def check_args(args: argparse.Namespace) -> list[str]:
+    """The models to train; ``ValueError`` naming the first bad option."""
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODELS]
+    if not models or unknown:
+        raise ValueError(f"--models must name some of {MODELS}, got {args.models!r}")
+    for name in ("epochs", "patience", "batch_size", "eval_batch_size", "d_model"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.bucket < 0:
+        raise ValueError(f"--bucket must be >= 0, got {args.bucket}")
+    return models
+
+
+def summary(source: str, results: dict[str, TrainResult],
+            popularity: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The JSON line's metrics: Mamba4Rec's at the top level, the baselines by name."""
+    main_model = results.get("mamba4rec") or next(iter(results.values()))
+    out: dict[str, Any] = {
+        "data": source,
+        "next_item": main_model.test["next_item"],
+        "next_category": main_model.test["next_category"],
+        "popularity": popularity,
+    }
+    for kind, res in results.items():
+        if kind != "mamba4rec":
+            out[kind] = res.test
+    out["best_epoch"] = {k: r.best_epoch for k, r in results.items()}
+    out["epochs_run"] = {k: len(r.history) for k, r in results.items()}
+    out["train_seconds"] = {k: round(r.seconds, 1) for k, r in results.items()}
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the whole example; prints a table and, last, the JSON line; returns that object.
 
@@ -381,15 +414,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         dict[str, Any]: the JSON line's object.
     """
     args = build_parser().parse_args(argv)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in models if m not in MODELS]
-    if not models or unknown:
-        raise ValueError(f"--models must name some of {MODELS}, got {args.models!r}")
-    for name in ("epochs", "patience", "batch_size", "eval_batch_size", "d_model"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.bucket < 0:
-        raise ValueError(f"--bucket must be >= 0, got {args.bucket}")
+    models = check_args(args)
     _setup_logging()
     start = time.perf_counter()
     ctx = init_distributed(device=args.device)
@@ -432,19 +457,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(format_table(table_rows))
     for kind, res in results.items():
         print(f"{kind}: best epoch {res.best_epoch} of {len(res.history)}, {res.seconds:.0f}s")
-    main_model = results.get("mamba4rec") or next(iter(results.values()))
-    out: dict[str, Any] = {
-        "data": source,
-        "next_item": main_model.test["next_item"],
-        "next_category": main_model.test["next_category"],
-        "popularity": popularity,
-    }
-    for kind, res in results.items():
-        if kind != "mamba4rec":
-            out[kind] = res.test
-    out["best_epoch"] = {k: r.best_epoch for k, r in results.items()}
-    out["epochs_run"] = {k: len(r.history) for k, r in results.items()}
-    out["train_seconds"] = {k: round(r.seconds, 1) for k, r in results.items()}
+    out = summary(source, results, popularity)
     out["etl"] = etl_counts(report)
     out["plot"] = str(plot)
     out["seconds"] = round(time.perf_counter() - start, 1)
