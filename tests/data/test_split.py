@@ -119,7 +119,7 @@ def test_nothing_left_to_evaluate_counts_the_short_users(tmp_path: Path) -> None
     data = read_sasrec(p)
     message = (
         rf"{re.escape(str(p))}: nothing left to evaluate: all 5 users have fewer than 3 events "
-        r"\(3 with 2, 2 with 1\); leave-one-out needs 3 per user"
+        r"\(2 with 2, 3 with 1\); leave-one-out needs 3 per user"
     )
     with pytest.raises(ValueError, match=message):
         leave_one_out(data, max_len=4)
