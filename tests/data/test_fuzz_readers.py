@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from torchrec_mamba.data.readers import SequenceData, read_csv, read_movielens, read_sasrec
 
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "50"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=5000,  # ms per example: a hang fails instead of blocking CI (loaded 2-core runner)

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from torchrec_mamba_preprocessing.raw import read_category_tree, read_events, read_item_categories
 from torchrec_mamba_preprocessing.report import ETLReport
 
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "20"))
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "40"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=5000,  # ms per example: a hang fails instead of blocking CI
