@@ -37,7 +37,11 @@ def _fit(ckpt: Path, resume: bool, epochs: int = 2) -> dict[str, Any]:
     from torchrec_mamba.data import SequenceData, SequenceLoader, leave_one_out
     from torchrec_mamba.models import Mamba4Rec, Mamba4RecConfig
     from torchrec_mamba.modules import MambaSequenceEncoder
-    from torchrec_mamba.train.distributed import DistributedContext, EmbeddingOptimizerConfig, build_optimizer
+    from torchrec_mamba.train.distributed import (
+        DistributedContext,
+        EmbeddingOptimizerConfig,
+        build_optimizer,
+    )
     from torchrec_mamba.train.loop import FitConfig, fit
 
     threads = torch.get_num_threads()
