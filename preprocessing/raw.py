@@ -2,8 +2,10 @@
 
 Bad input never disappears silently. Missing files raise ``FileNotFoundError`` naming the path;
 missing columns, non-numeric or missing ids, negative timestamps and unknown event types raise
-``ValueError`` naming the file and line (line 1 is the header); exact duplicate rows are dropped
-and counted in the :class:`~torchrec_mamba_preprocessing.report.ETLReport`.
+``ValueError`` naming the file and line (line 1 is the header), and so do bytes that are not
+UTF-8, ids that do not fit int64 (``1e30``) and broken compressed files (see
+:mod:`~torchrec_mamba_preprocessing.raw_io`); exact duplicate rows are dropped and counted in the
+:class:`~torchrec_mamba_preprocessing.report.ETLReport`.
 
 Category rules (documented choices):
 
@@ -22,12 +24,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .raw_io import as_int64, first_bad_int, line_of_row, read_errors
 from .report import ETLReport
 
 logger = logging.getLogger(__name__)
@@ -53,76 +55,16 @@ def _require_file(path: Path, what: str) -> None:
 
 
 def _require_columns(path: Path, needed: Sequence[str]) -> None:
-    try:
-        header = list(pd.read_csv(path, nrows=0).columns)
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"{path} is empty (expected a header with {list(needed)})") from None
+    with read_errors(path):
+        try:
+            header = list(pd.read_csv(path, nrows=0).columns)
+        except pd.errors.EmptyDataError:
+            raise ValueError(
+                f"{path}: empty file (expected a header with {list(needed)})"
+            ) from None
     missing = [c for c in needed if c not in header]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; the header has {header}")
-
-
-@contextmanager
-def _csv_errors(path: Path) -> Iterator[None]:
-    """Re-raise pandas' CSV parser errors (ragged rows, bad quoting) naming the file."""
-    try:
-        yield
-    except pd.errors.ParserError as e:
-        raise ValueError(f"{path}: malformed CSV: {e}") from None
-
-
-def _line_of_row(path: Path, row: int) -> int:
-    """1-based line number of data row ``row`` (0-based; blank lines are skipped like pandas)."""
-    seen = -1
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, start=1):
-            if lineno == 1 or not line.strip():
-                continue
-            seen += 1
-            if seen == row:
-                return lineno
-    return -1
-
-
-def _first_bad_int(values: pd.Series) -> tuple[int, str] | None:
-    """Position and kind ("missing", "non-numeric", "non-integer") of the first bad integer."""
-    num = pd.to_numeric(values, errors="coerce")
-    missing = values.isna().to_numpy()
-    nonnum = num.isna().to_numpy() & ~missing
-    frac = num.to_numpy(dtype=np.float64, na_value=0.0) % 1 != 0
-    bad = missing | nonnum | frac
-    if not bad.any():
-        return None
-    i = int(np.flatnonzero(bad)[0])
-    kind = "missing" if missing[i] else ("non-numeric" if nonnum[i] else "non-integer")
-    return i, kind
-
-
-def _as_int64(
-    values: pd.Series, path: Path, column: str, row_offset: int = 0, *, non_negative: bool = False
-) -> np.ndarray:
-    """Column as int64; raise naming file and line on a missing, non-numeric or fractional value."""
-    if pd.api.types.is_integer_dtype(values.dtype) and not pd.api.types.is_extension_array_dtype(
-        values.dtype
-    ):
-        out = values.to_numpy(dtype=np.int64)
-    else:
-        bad = _first_bad_int(values)
-        if bad is not None:
-            i, kind = bad
-            line = _line_of_row(path, row_offset + i)
-            raise ValueError(
-                f"{path}:{line}: {kind} {column} {values.iloc[i]!r} (expected an integer)"
-            )
-        out = pd.to_numeric(values).to_numpy(dtype=np.int64)
-    if non_negative and (out < 0).any():
-        i = int(np.flatnonzero(out < 0)[0])
-        line = _line_of_row(path, row_offset + i)
-        raise ValueError(
-            f"{path}:{line}: negative {column} {int(out[i])}; {int((out < 0).sum())} negative "
-            f"value(s) in this column"
-        )
-    return out
 
 
 def read_events(
@@ -155,14 +97,14 @@ def read_events(
         raise ValueError(f"on_unknown_event must be 'error' or 'drop', got {on_unknown_event!r}")
     _require_file(path, "RetailRocket events file")
     _require_columns(path, ("timestamp", "visitorid", "event", "itemid", "transactionid"))
-    with _csv_errors(path):
+    with read_errors(path):
         raw = _read_events_csv(path)
     report.events_read = len(raw)
     df = pd.DataFrame(
         {
-            "timestamp": _as_int64(raw["timestamp"], path, "timestamp", non_negative=True),
-            "visitorid": _as_int64(raw["visitorid"], path, "visitorid"),
-            "itemid": _as_int64(raw["itemid"], path, "itemid"),
+            "timestamp": as_int64(raw["timestamp"], path, "timestamp", non_negative=True),
+            "visitorid": as_int64(raw["visitorid"], path, "visitorid"),
+            "itemid": as_int64(raw["itemid"], path, "itemid"),
             "event": raw["event"].astype(str),
             "transactionid": raw["transactionid"],
         }
@@ -190,7 +132,7 @@ def _clean_events(
         if on_unknown_event == "error":
             first = int(np.flatnonzero(unknown.to_numpy())[0])
             raise ValueError(
-                f"{path}:{_line_of_row(path, first)}: unknown event type(s) "
+                f"{path}:{line_of_row(path, first)}: unknown event type(s) "
                 f"{dict(counts.items())} (expected {list(EVENT_TYPES)}); pass "
                 f"on_unknown_event='drop' to drop and count them"
             )
@@ -212,7 +154,7 @@ def _clean_events(
 
 def _chunks(reader: Iterator[pd.DataFrame], path: Path) -> Iterator[pd.DataFrame]:
     while True:
-        with _csv_errors(path):
+        with read_errors(path):
             chunk = next(reader, None)
         if chunk is None:
             return
@@ -245,24 +187,25 @@ def read_item_categories(paths: Sequence[str | Path], report: ETLReport) -> pd.D
         _require_file(p, "RetailRocket item-properties file")
         _require_columns(p, ("timestamp", "itemid", "property", "value"))
         offset = 0
-        reader = pd.read_csv(
-            p,
-            dtype={"property": str, "value": str},
-            keep_default_na=False,
-            na_values={"timestamp": [""], "itemid": [""]},
-            chunksize=_CHUNK_ROWS,
-        )
+        with read_errors(p):
+            reader = pd.read_csv(
+                p,
+                dtype={"property": str, "value": str},
+                keep_default_na=False,
+                na_values={"timestamp": [""], "itemid": [""]},
+                chunksize=_CHUNK_ROWS,
+            )
         for chunk in _chunks(reader, p):
             report.property_rows_read += len(chunk)
             keep = (chunk["property"] == "categoryid").to_numpy()
-            ts = _as_int64(chunk["timestamp"], p, "timestamp", offset, non_negative=True)
-            item = _as_int64(chunk["itemid"], p, "itemid", offset)
+            ts = as_int64(chunk["timestamp"], p, "timestamp", offset, non_negative=True)
+            item = as_int64(chunk["itemid"], p, "itemid", offset)
             rows = np.flatnonzero(keep)
             value = chunk["value"].iloc[rows].replace("", np.nan).reset_index(drop=True)
-            bad = _first_bad_int(value)
+            bad = first_bad_int(value)
             if bad is not None:
                 i, kind = bad
-                line = _line_of_row(p, offset + int(rows[i]))
+                line = line_of_row(p, offset + int(rows[i]))
                 raise ValueError(
                     f"{p}:{line}: {kind} categoryid value {value.iloc[i]!r} "
                     f"(expected an integer category id)"
@@ -308,12 +251,12 @@ def read_category_tree(path: str | Path, report: ETLReport) -> pd.DataFrame:
     path = Path(path)
     _require_file(path, "RetailRocket category tree")
     _require_columns(path, ("categoryid", "parentid"))
-    with _csv_errors(path):
+    with read_errors(path):
         raw = pd.read_csv(path, dtype=str, keep_default_na=False)
-    cat = _as_int64(raw["categoryid"].replace("", np.nan), path, "categoryid", non_negative=True)
+    cat = as_int64(raw["categoryid"].replace("", np.nan), path, "categoryid", non_negative=True)
     is_root = (raw["parentid"] == "").to_numpy()
     par = raw["parentid"].where(~is_root, "-1")
-    parent = _as_int64(par, path, "parentid")
+    parent = as_int64(par, path, "parentid")
     tree = pd.DataFrame({"categoryid": cat, "parentid": parent})
     dup = tree.duplicated(keep="first")
     report.duplicate_tree_rows_dropped = int(dup.sum())

@@ -277,3 +277,91 @@ def test_beauty_counts_and_speed(shared_data: Path) -> None:
     lengths = [len(s) for s in data.sequences]
     assert (min(lengths), max(lengths)) == (5, 204)
     assert elapsed < 10.0, f"reading Beauty took {elapsed:.2f} s (target < 2 s on an idle core)"
+
+
+# --- bytes that are not text, broken gzip, and what the fuzz tests found ------------------------
+@pytest.mark.parametrize(
+    "reader, name, good",
+    [
+        (read_sasrec, "s.txt", b"1 2 3\n"),
+        (read_movielens, "r.dat", b"1::2::3::4\n"),
+        (read_csv, "e.csv", b"user,item,timestamp\n1,2,3\n"),
+    ],
+)
+@pytest.mark.parametrize("gz", [False, True])
+def test_non_utf8_byte_names_file_line_and_column(
+    tmp_path: Path, reader, name: str, good: bytes, gz: bool
+) -> None:
+    blob = good + good.splitlines()[-1][:2] + b"\xff9\n"  # 0xff at column 3 of the next line
+    path = tmp_path / (name + ".gz" if gz else name)
+    path.write_bytes(gzip.compress(blob) if gz else blob)
+    line = blob.count(b"\n")
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"{path}:{line}: not valid UTF-8 (byte 0xff at column 3)"),
+    ):
+        reader(path)
+
+
+@pytest.mark.parametrize("reader", [read_sasrec, read_movielens, read_csv])
+def test_broken_gzip_names_the_file(tmp_path: Path, reader) -> None:
+    not_gzip = tmp_path / "a.txt.gz"
+    not_gzip.write_bytes(b"1 2 3\n")
+    with pytest.raises(ValueError, match=re.escape(f"{not_gzip}: not a valid gzip file")):
+        reader(not_gzip)
+    cut = tmp_path / "b.txt.gz"
+    cut.write_bytes(gzip.compress(b"1 2 3\n" * 100)[:20])
+    with pytest.raises(ValueError, match=re.escape(f"{cut}: not a valid gzip file")):
+        reader(cut)
+
+
+def test_bom_is_dropped_and_lone_carriage_return_is_named(tmp_path: Path) -> None:
+    p = tmp_path / "e.csv"
+    p.write_bytes(b"\xef\xbb\xbfuser,item,timestamp\r\n1,2,3\r\n")
+    assert _raw_sequences(read_csv(p)) == {1: [2]}
+    p.write_bytes(b"\xef\xbb\xbfuser,item,timestamp\n1,2,3\n1,\xff,3\n")
+    with pytest.raises(ValueError, match=r"e\.csv:3: not valid UTF-8 \(byte 0xff at column 3\)"):
+        read_csv(p)
+    s = tmp_path / "s.txt"
+    s.write_bytes(b"1 2 3\n2 3\r4\n")
+    with pytest.raises(ValueError, match=r"s\.txt:2: carriage return inside a line"):
+        read_sasrec(s)
+
+
+def test_fuzz_findings_are_errors_that_name_the_line(tmp_path: Path) -> None:
+    e = tmp_path / "e.csv"
+    # pandas dropped the extra field of a lone long row with only a ParserWarning
+    e.write_text("user,item,timestamp\n1,2,0,0\n")
+    with pytest.raises(ValueError, match=r"e\.csv:2: expected 3 columns .*got 4"):
+        read_csv(e)
+    # csv.Error (not a ValueError) for a field over csv's 128 KiB limit
+    e.write_text("user,item,timestamp\n1,2,x\n1," + "7" * 200_000 + ",3\n")
+    with pytest.raises(ValueError, match=r"e\.csv:2: non-numeric timestamp 'x'"):
+        read_csv(e)
+    e.write_text("user,item,timestamp\n1," + "7" * 200_000 + ",3\n")
+    with pytest.raises(ValueError, match=r"e\.csv:2: malformed CSV row \(field larger than"):
+        read_csv(e)
+    # a quoted field spanning two lines: the bad row is named by its own line
+    e.write_text('user,item,timestamp,note\n1,2,3,"a\nb"\n1,-2,3,c\n')
+    with pytest.raises(ValueError, match=r"e\.csv:4: negative item -2"):
+        read_csv(e)
+    e.write_text("\n1,2,3\n")
+    with pytest.raises(ValueError, match=r"e\.csv:1: blank header line"):
+        read_csv(e)
+    with pytest.raises(ValueError, match="sep must be one character, got '::'"):
+        read_csv(e, sep="::")
+    # int() refuses > 4300 digits with a ValueError that names nothing
+    s = tmp_path / "s.txt"
+    s.write_text("1 2\n2 " + "9" * 5000 + "\n")
+    with pytest.raises(ValueError, match=r"s\.txt:2: id '9{40}'\.\.\. \(5000 chars\) does not fit"):
+        read_sasrec(s)
+    s.write_text("1 " + "0" * 5000 + "7\n")
+    assert _raw_sequences(read_sasrec(s)) == {1: [7]}
+    # a tab in a '::' file would have become a separator
+    r = tmp_path / "r.dat"
+    r.write_text("1::2::3::4\n1::2\t5::3::4\n")
+    with pytest.raises(ValueError, match=r"r\.dat:2: non-numeric item '2\\t5'"):
+        read_movielens(r)
+    r.write_text("1::2::inf::4\n")
+    with pytest.raises(ValueError, match=r"r\.dat:1: non-numeric rating 'inf'"):
+        read_movielens(r)

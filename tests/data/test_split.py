@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,24 @@ def test_errors() -> None:
         SplitPart("x", np.array([1, 2, 1]), np.array([0, 3]), np.array([0]), num_items=2, max_len=1)
     with pytest.raises(ValueError, match="offsets end at 2 but there are 3 values"):
         SplitPart("x", np.array([1, 2, 1]), np.array([0, 2]), np.array([0]), num_items=2, max_len=5)
+
+
+def test_nothing_left_to_evaluate_counts_the_short_users(tmp_path: Path) -> None:
+    p = tmp_path / "short.txt"
+    p.write_text("1 5 6\n2 7\n3 5 7\n4 6\n5 5\n")  # 2 users with 2 events, 3 with 1
+    data = read_sasrec(p)
+    message = (
+        rf"{re.escape(str(p))}: nothing left to evaluate: all 5 users have fewer than 3 events "
+        r"\(2 with 2, 3 with 1\); leave-one-out needs 3 per user"
+    )
+    with pytest.raises(ValueError, match=message):
+        leave_one_out(data, max_len=4)
+    split = leave_one_out(data, max_len=4, require_eval=False)
+    assert (len(split.train), len(split.valid), len(split.test)) == (2, 0, 0)
+    assert (split.stats["short_users"], split.stats["eval_users"]) == (5, 0)
+    # one user with 3 events is enough to evaluate
+    one = SequenceData.from_lists([[1, 2, 3], [4, 5]])
+    assert leave_one_out(one, max_len=4).stats["eval_users"] == 1
 
 
 @pytest.mark.data

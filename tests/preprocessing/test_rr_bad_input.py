@@ -51,7 +51,7 @@ def test_missing_columns_are_named(tmp_path: Path, write_raw: Callable[..., Path
 def test_empty_file(tmp_path: Path) -> None:
     p = tmp_path / "events.csv"
     p.write_text("")
-    with pytest.raises(ValueError, match="events.csv is empty"):
+    with pytest.raises(ValueError, match=r"events.csv: empty file \(expected a header"):
         read_events(p, ETLReport())
 
 
@@ -140,7 +140,57 @@ def test_bad_tree_values(tmp_path: Path, write_raw: Callable[..., Path]) -> None
 def test_malformed_csv_names_the_file(tmp_path: Path) -> None:
     p = tmp_path / "events.csv"
     p.write_text(f"{EVENTS_HEADER}\n1,2,view,3,\n1,2,view,3,,,,\n")
-    with pytest.raises(ValueError, match=r"events.csv: malformed CSV"):
+    with pytest.raises(ValueError, match=r"events.csv:3: expected 5 fields, got 8"):
+        read_events(p, ETLReport())
+    p.write_text(f'{EVENTS_HEADER}\n1,2,view,3,"\n')
+    with pytest.raises(ValueError, match=r"events.csv: malformed CSV: Error tokenizing data"):
+        read_events(p, ETLReport())
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_non_utf8_byte_names_file_line_and_column(tmp_path: Path, gz: bool) -> None:
+    import gzip
+
+    blob = f"{EVENTS_HEADER}\n1,2,view,3,\n\n4,2,vi\xe9w,3,\n".encode("latin-1")
+    p = tmp_path / ("events.csv.gz" if gz else "events.csv")
+    p.write_bytes(gzip.compress(blob) if gz else blob)
+    with pytest.raises(
+        ValueError, match=re.escape(f"{p}:4: not valid UTF-8 (byte 0xe9 at column 7)")
+    ):
+        read_events(p, ETLReport())
+    tree = tmp_path / "category_tree.csv"
+    tree.write_bytes(b"categoryid,parent\xffid\n1,\n")
+    with pytest.raises(ValueError, match=re.escape(f"{tree}:1: not valid UTF-8 (byte 0xff")):
+        read_category_tree(tree, ETLReport())
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "message"),
+    [  # all of these used to become a float and then a wrong int64 without a word
+        ("12,1e30,view,10,", r"events.csv:4: out-of-range visitorid 1e\+30"),
+        ("12,3,view,99999999999999999999,", r"events.csv:4: out-of-range itemid '9{20}' \(expected an integer that fits in int64\)"),
+        ("12,3,view,18446744073709551615,", r"events.csv:4: out-of-range itemid"),
+        ("12,inf,view,10,", r"events.csv:4: non-integer visitorid"),
+    ],
+)
+def test_ids_that_are_no_int64_name_the_line(
+    tmp_path: Path, write_raw: Callable[..., Path], bad_line: str, message: str
+) -> None:
+    events = [*HANDMADE_EVENTS[:2], bad_line, *HANDMADE_EVENTS[2:]]
+    raw = write_raw(tmp_path / "raw", events=events)
+    with pytest.raises(ValueError, match=message):
+        read_events(raw / "events.csv", ETLReport())
+
+
+def test_broken_gzip_and_gzip_line_numbers(tmp_path: Path) -> None:
+    import gzip
+
+    p = tmp_path / "events.csv.gz"
+    p.write_bytes(gzip.compress(f"{EVENTS_HEADER}\n1,2,view,3,\n".encode() * 50)[:40])
+    with pytest.raises(ValueError, match=re.escape(f"{p}: not a valid compressed file")):
+        read_events(p, ETLReport())
+    p.write_bytes(gzip.compress(f"{EVENTS_HEADER}\n1,2,view,3,\n\n4,x,view,3,\n".encode()))
+    with pytest.raises(ValueError, match=r"events.csv.gz:4: non-numeric visitorid 'x'"):
         read_events(p, ETLReport())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from torchrec_mamba.data import SequenceData, SequenceLoader, leave_one_out
 from torchrec_mamba.models import Mamba4Rec, Mamba4RecConfig
 from torchrec_mamba.modules import MambaSequenceEncoder
 from torchrec_mamba.train.checkpoint import (
+    CorruptCheckpointError,
     capture_rng,
     has_checkpoint,
     load_checkpoint,
@@ -132,3 +134,79 @@ def test_load_rejects_wrong_version_and_layout(tmp_path: Path) -> None:
     (other / "latest").write_text("epoch_0001\n")
     with pytest.raises(ValueError, match="holds a sharded checkpoint"):
         load_checkpoint(other, model, opt, CTX)
+
+
+# --- rotation, corrupt files and the fallback ------------------------------------------------
+def _save_epochs(d: Path, epochs: int) -> list[dict[str, torch.Tensor]]:
+    """Save after each of ``epochs`` fake epochs; return the model state of each save."""
+    model, opt = _model_and_opt()
+    states = []
+    for epoch in range(1, epochs + 1):
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+        save_checkpoint(d, model, opt, {"epoch": epoch}, {"epoch": epoch, "batch_index": 0}, CTX)
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    return states
+
+
+def test_every_save_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    states = _save_epochs(tmp_path, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt"]
+    for name, epoch in (("checkpoint.pt", 3), ("checkpoint.prev.pt", 2)):
+        saved = torch.load(tmp_path / name, weights_only=True)  # plain tensors and containers only
+        assert saved["progress"]["epoch"] == epoch
+        for k, v in saved["model"].items():
+            assert torch.equal(v, states[epoch - 1][k]), (name, k)
+
+
+@pytest.mark.parametrize("damage", ["half", "empty", "garbage"])
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    states = _save_epochs(tmp_path, 2)
+    current = tmp_path / "checkpoint.pt"
+    blob = current.read_bytes()
+    current.write_bytes({"half": blob[: len(blob) // 2], "empty": b"", "garbage": b"\x00" * 64}[damage])
+    model, opt = _model_and_opt()
+    with caplog.at_level("WARNING", logger="torchrec_mamba.train.checkpoint"):
+        restored = load_checkpoint(tmp_path, model, opt, CTX)
+    assert restored is not None and restored[0]["epoch"] == 1
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, states[0][k]), k
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    assert f"{current}: checkpoint is unreadable" in warning
+    assert f"resuming from the previous checkpoint {tmp_path / 'checkpoint.prev.pt'} (epoch 1)" in warning
+
+
+def test_corrupt_checkpoint_without_a_good_previous_names_the_files(tmp_path: Path) -> None:
+    _save_epochs(tmp_path, 1)
+    current = tmp_path / "checkpoint.pt"
+    current.write_bytes(current.read_bytes()[:1000])
+    model, opt = _model_and_opt()
+    with pytest.raises(
+        CorruptCheckpointError,
+        match=re.escape(f"{current}: checkpoint is unreadable (cut short or not a checkpoint)")
+        + r".*there is no checkpoint\.prev\.pt to fall back to",
+    ):
+        load_checkpoint(tmp_path, model, opt, CTX)
+    (tmp_path / "checkpoint.prev.pt").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match=r"the previous checkpoint is unreadable too: .*checkpoint\.prev\.pt"):
+        load_checkpoint(tmp_path, model, opt, CTX)
+
+
+def test_missing_current_checkpoint_uses_the_previous_one(tmp_path: Path) -> None:
+    # the moment between the two renames where links are impossible
+    _save_epochs(tmp_path, 2)
+    (tmp_path / "checkpoint.pt").unlink()
+    assert has_checkpoint(tmp_path)
+    model, opt = _model_and_opt()
+    restored = load_checkpoint(tmp_path, model, opt, CTX)
+    assert restored is not None and restored[0]["epoch"] == 1
+
+
+def test_a_file_that_is_no_checkpoint_is_refused(tmp_path: Path) -> None:
+    torch.save({"model": {}}, tmp_path / "checkpoint.pt")
+    model, opt = _model_and_opt()
+    with pytest.raises(ValueError, match=r"checkpoint\.pt: checkpoint version None, expected 1"):
+        load_checkpoint(tmp_path, model, opt, CTX)

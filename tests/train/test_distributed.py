@@ -48,6 +48,45 @@ def test_init_distributed_without_torchrun_starts_nothing(monkeypatch: pytest.Mo
     assert not torch.distributed.is_initialized()
 
 
+def test_process_group_timeout_from_argument_or_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchrec_mamba.train.distributed import resolve_timeout
+
+    monkeypatch.delenv("TORCHREC_MAMBA_PG_TIMEOUT_S", raising=False)
+    assert resolve_timeout() == 600.0
+    monkeypatch.setenv("TORCHREC_MAMBA_PG_TIMEOUT_S", "12.5")
+    assert resolve_timeout() == 12.5 and resolve_timeout(3) == 3.0
+    assert init_distributed(device="cpu").timeout_s == 12.5
+    monkeypatch.setenv("TORCHREC_MAMBA_PG_TIMEOUT_S", "soon")
+    with pytest.raises(
+        ValueError,
+        match=r"timeout must be a number of seconds > 0, got 'soon' \(from \$TORCHREC_MAMBA_PG_TIMEOUT_S\)",
+    ):
+        resolve_timeout()
+    for bad in (0, -1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="timeout must be a number of seconds > 0"):
+            resolve_timeout(bad)
+
+
+def test_collective_errors_names_the_rank_and_the_timeout() -> None:
+    from torchrec_mamba.train.distributed import CollectiveFailure, collective_errors
+
+    alone = DistributedContext(0, 1, 0, CPU, None, False)
+    with pytest.raises(RuntimeError, match="^boom$"):  # no group: nothing to explain
+        with collective_errors(alone):
+            raise RuntimeError("boom")
+    ranked = DistributedContext(1, 2, 1, CPU, object(), True, 7.0)  # type: ignore[arg-type]
+    with pytest.raises(
+        CollectiveFailure,
+        match=r"^rank 1 of 2: a collective failed \(Connection closed by peer \[::1\]:5\); another "
+        r"rank has probably died or hangs .* timeout is 7 s \(\$TORCHREC_MAMBA_PG_TIMEOUT_S\)$",
+    ):
+        with collective_errors(ranked):
+            raise RuntimeError("Connection closed by peer\n[::1]:5")
+    with pytest.raises(ValueError, match="not a collective"):  # other errors pass through
+        with collective_errors(ranked):
+            raise ValueError("not a collective")
+
+
 def test_embedding_optimizer_resolution() -> None:
     assert resolve_embedding_optimizer("auto", None, 1e-3, False, CPU) == EmbeddingOptimizerConfig("adam", 1e-3)
     sharded_cpu = resolve_embedding_optimizer("auto", None, 1e-3, True, CPU)
@@ -112,7 +151,8 @@ def test_shard_model_refuses_cpu_adam() -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("two_ranks")
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+    root = str(Path(__file__).resolve().parents[2])  # this checkout's code, not the installed one
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         __file__, str(out),
@@ -146,6 +186,14 @@ def test_sharded_training_learns_and_ranks_agree(two_ranks: list[dict[str, Any]]
     assert r0["valid"]["ndcg@10"] > r0["valid_before"]["ndcg@10"]
     for k, v in r0["reference_valid"].items():
         assert r0["valid"][k] == pytest.approx(v, abs=0.02), k
+
+
+def test_sharded_checkpoint_keeps_the_previous_folder_and_falls_back_on_every_rank(
+    two_ranks: list[dict[str, Any]],
+) -> None:
+    for r in two_ranks:
+        assert r["dcp_folders"] == ["epoch_0001", "epoch_0002"]
+        assert r["fallback_epoch"] == 1  # rank 0 could read epoch 2, but follows rank 1
 
 
 def test_sharded_resume_after_crash_is_exact(two_ranks: list[dict[str, Any]]) -> None:
@@ -267,6 +315,19 @@ def _worker(out: Path) -> None:  # pragma: no cover - runs in the torchrun subpr
     result["resumed_test"] = resumed.test
     result["full_history_losses"] = [h["loss"] for h in full_run.history]
     result["resumed_history_losses"] = [h["loss"] for h in resumed.history]
+
+    # 4) rank 1 cannot read its part of the latest DCP folder: both ranks fall back together
+    from torchrec_mamba.train.checkpoint import load_checkpoint
+
+    crash_dir = out / "ckpt_crash"
+    result["dcp_folders"] = sorted(p.name for p in crash_dir.glob("epoch_*"))
+    torch.distributed.barrier()
+    if rank == 1:
+        (crash_dir / "epoch_0002" / "rank_1.pt").write_bytes(b"cut")
+    torch.distributed.barrier()
+    model = shard_model(build(0.3), "row_wise", ctx, emb)
+    restored = load_checkpoint(crash_dir, model, build_optimizer(model, 1e-2, 0.0, emb), ctx)
+    result["fallback_epoch"] = None if restored is None else restored[0]["epoch"]
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     destroy_distributed(ctx)
 

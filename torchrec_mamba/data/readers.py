@@ -21,12 +21,15 @@ by line to find and name the first bad row.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
 import logging
 import re
-from collections.abc import Callable, Iterable
+import warnings
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,14 +176,46 @@ def _check_file(path: str | Path) -> Path:
     return p
 
 
+def _decode_error(path: Path, raw: bytes, err: UnicodeDecodeError) -> ValueError:
+    """``PATH:LINE: ...`` for the first byte that is not UTF-8 (lines counted on ``\\n``)."""
+    line = raw.count(b"\n", 0, err.start) + 1
+    column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+    return ValueError(
+        f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {column}); "
+        "re-encode the file as UTF-8"
+    )
+
+
 def _read_text(path: Path) -> str:
-    """Whole file as text (``.gz`` decompressed), without trailing blank lines."""
-    if path.suffix == ".gz":
-        with gzip.open(path, "rt", encoding="utf-8", newline="") as f:
-            text = f.read()
-    else:
-        with open(path, encoding="utf-8", newline="") as f:
-            text = f.read()
+    """Whole file as text (``.gz`` decompressed, UTF-8, ``\\r\\n`` -> ``\\n``), trailing blank lines cut.
+
+    A byte that is not UTF-8, a broken gzip stream and a carriage return inside a line raise
+    ``ValueError`` naming the file (and the line where there is one). A UTF-8 byte-order mark
+    is dropped.
+    """
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            raw = path.read_bytes()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise ValueError(f"{path}: not a valid gzip file ({e})") from None
+    start = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = raw[start:].decode("utf-8") if start else raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        e.start += start
+        raise _decode_error(path, raw, e) from None
+    cr = text.find("\r")
+    if cr >= 0:
+        text = text.replace("\r\n", "\n")
+        cr = text.find("\r")
+    if cr >= 0:
+        raise ValueError(
+            f"{path}:{text.count(chr(10), 0, cr) + 1}: carriage return inside a line "
+            "(only \\n or \\r\\n line endings are read)"
+        )
     end = len(text)
     while end > 0:
         nl = text.rfind("\n", 0, end)
@@ -269,15 +304,29 @@ def _bad_token_message(token: str, what: str) -> str:
     if token == "":
         return f"empty {what}"
     if token.lstrip().startswith("-") and _INT_TOKEN.fullmatch(token.strip()[1:]):
-        return f"negative {what} {token.strip()!r}"
-    if _INT_TOKEN.fullmatch(token.strip()) and int(token) > _INT64_MAX:
-        return f"{what} {token.strip()!r} does not fit in int64"
-    return f"non-numeric {what} {token!r}"
+        return f"negative {what} {token.strip()[:40]!r}"
+    if _INT_TOKEN.fullmatch(token.strip()) and not _fits_int64(token.strip()):
+        return f"{what} {_clip(token.strip())} does not fit in int64"
+    return f"non-numeric {what} {_clip(token)}"
+
+
+def _clip(token: str, width: int = 40) -> str:
+    """``repr`` of a token, cut to ``width`` characters so a huge token stays one short line."""
+    return repr(token) if len(token) <= width else repr(token[:width]) + f"... ({len(token)} chars)"
+
+
+def _fits_int64(digits: str) -> bool:
+    """Whether an ASCII digit string is ``<= 2**63 - 1``, without ``int()`` on huge strings.
+
+    Python refuses ``int()`` of more than 4300 digits with a ``ValueError`` that names nothing.
+    """
+    d = digits.lstrip("0")
+    return len(d) < 19 or (len(d) == 19 and int(d) <= _INT64_MAX)
 
 
 def _is_uint(token: str) -> bool:
     t = token.strip()
-    return bool(_INT_TOKEN.fullmatch(t)) and int(t) <= _INT64_MAX
+    return bool(_INT_TOKEN.fullmatch(t)) and _fits_int64(t)
 
 
 def _is_number(token: str) -> bool:
@@ -285,6 +334,27 @@ def _is_number(token: str) -> bool:
         return np.isfinite(float(token))
     except ValueError:
         return False
+
+
+def _bulk_read(text: str, **kwargs: object) -> pd.DataFrame | None:
+    """pandas' C parser over the whole text, or None when it fails or would drop fields.
+
+    With ``index_col=False`` pandas drops the extra fields of rows longer than the header with
+    only a ``ParserWarning``; that warning is turned into a failure here so that the caller's
+    line scan names the row.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pd.errors.ParserWarning)
+        try:
+            return pd.read_csv(
+                io.StringIO(text),
+                index_col=False,
+                skip_blank_lines=False,
+                engine="c",
+                **kwargs,  # type: ignore[arg-type]
+            )
+        except (ValueError, pd.errors.ParserError, pd.errors.ParserWarning):
+            return None
 
 
 def _scan_for_bad_row(
@@ -308,7 +378,7 @@ def _scan_for_bad_row(
                 if ok is _is_uint:
                     msg = _bad_token_message(fields[col], what)
                 else:
-                    msg = f"non-numeric {what} {fields[col]!r}"
+                    msg = f"non-numeric {what} {_clip(fields[col])}"
                 raise ValueError(f"{path}:{line_no}: {msg}")
 
 
@@ -343,7 +413,8 @@ def read_sasrec(path: str | Path) -> SequenceData:
     empty = 0
     first_line_of: dict[int, int] = {}
     fullmatch = _SASREC_LINE.fullmatch
-    for line_no, line in enumerate(text.splitlines(), start=1):
+    lines = text.split("\n") if text else []
+    for line_no, line in enumerate(lines, start=1):
         if fullmatch(line) is None:
             if not line.strip():
                 raise ValueError(
@@ -354,7 +425,13 @@ def read_sasrec(path: str | Path) -> SequenceData:
                 if not _is_uint(tok):
                     raise ValueError(f"{p}:{line_no}: {_bad_token_message(tok, 'id')}")
             raise ValueError(f"{p}:{line_no}: cannot parse line {line[:80]!r}")
-        vals = list(map(int, line.split()))
+        tokens = line.split()
+        if max(map(len, tokens)) > 18:  # int() refuses > 4300 digits, so check long ones first
+            bad = next((t for t in tokens if not _is_uint(t)), None)
+            if bad is not None:
+                raise ValueError(f"{p}:{line_no}: {_bad_token_message(bad, 'id')}")
+            tokens = [t.lstrip("0") or "0" for t in tokens]
+        vals = list(map(int, tokens))
         if len(vals) == 1:
             empty += 1
             continue
@@ -373,7 +450,7 @@ def read_sasrec(path: str | Path) -> SequenceData:
         user_arr = np.array(users, dtype=np.int64)
         item_arr = np.array(items, dtype=np.int64)
     except OverflowError:
-        for line_no, line in enumerate(text.splitlines(), start=1):
+        for line_no, line in enumerate(lines, start=1):
             for tok in line.split():
                 if not _is_uint(tok):
                     raise ValueError(f"{p}:{line_no}: {_bad_token_message(tok, 'id')}") from None
@@ -426,21 +503,13 @@ def read_movielens(path: str | Path) -> SequenceData:
             f"got {first_line[:80]!r}"
         )
     bulk = text.replace("::", "\t") if sep == "::" else text
-    frame = None
-    try:
-        frame = pd.read_csv(
-            io.StringIO(bulk),
-            sep="\t",
-            header=None,
-            names=_ML_COLUMNS,
-            index_col=False,
-            skip_blank_lines=False,
-            engine="c",
-        )
-    except (ValueError, pd.errors.ParserError):
-        frame = None
+    # a tab in a '::' file would become a separator in `bulk`: let the line scan name it
+    mixed = sep == "::" and "\t" in text
+    frame = None if mixed else _bulk_read(
+        bulk, sep="\t", header=None, names=_ML_COLUMNS, quoting=csv.QUOTE_NONE
+    )
     if frame is None or not _ml_frame_ok(frame):
-        lines = text.splitlines()
+        lines = text.split("\n")
         _scan_for_bad_row(
             p,
             ((i, line.split(sep)) for i, line in enumerate(lines, start=1)),
@@ -451,7 +520,7 @@ def read_movielens(path: str | Path) -> SequenceData:
     users = frame["user"].to_numpy(np.int64)
     items = frame["item"].to_numpy(np.int64)
     times = frame["timestamp"].to_numpy(np.int64)
-    _check_nonnegative(p, {"user": users, "item": items, "timestamp": times}, first_line_no=1)
+    _check_nonnegative(p, {"user": users, "item": items, "timestamp": times}, lambda r: r + 1)
     return _group_events(users, items, times, str(p), {})
 
 
@@ -460,16 +529,45 @@ def _ml_frame_ok(frame: pd.DataFrame) -> bool:
         if frame[col].dtype != np.int64:  # uint64 / object / float (NaN) all need the slow scan
             return False
     rating = frame["rating"]
-    return bool(pd.api.types.is_numeric_dtype(rating.dtype) and not rating.isna().any())
+    return bool(
+        pd.api.types.is_numeric_dtype(rating.dtype) and np.isfinite(rating.to_numpy(float)).all()
+    )
 
 
-def _check_nonnegative(path: Path, columns: dict[str, np.ndarray], first_line_no: int) -> None:
-    """Raise at the first row holding a negative value; rows map to lines from ``first_line_no``."""
+def _check_nonnegative(
+    path: Path, columns: dict[str, np.ndarray], line_of: Callable[[int], int]
+) -> None:
+    """Raise at the first row holding a negative value; ``line_of(row)`` is its line number."""
     for name, values in columns.items():
         neg = np.flatnonzero(values < 0)
         if neg.size:
             row = int(neg[0])
-            raise ValueError(f"{path}:{row + first_line_no}: negative {name} {int(values[row])}")
+            raise ValueError(f"{path}:{line_of(row)}: negative {name} {int(values[row])}")
+
+
+def _csv_rows(path: Path, text: str, sep: str) -> Iterator[tuple[int, list[str]]]:
+    """``(first line number, fields)`` of every CSV row; ``csv.Error`` becomes ``PATH:LINE``.
+
+    A quoted field may span lines, so rows and lines are counted apart.
+    """
+    reader = csv.reader(io.StringIO(text), delimiter=sep)
+    start = 1
+    try:
+        for fields in reader:
+            yield start, fields
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise ValueError(f"{path}:{start}: malformed CSV row ({e})") from None
+
+
+def _csv_line_of_row(path: Path, text: str, sep: str, row: int) -> int:
+    """Line number of data row ``row`` (0-based, after the header)."""
+    if '"' not in text:
+        return row + 2
+    for i, (line_no, _) in enumerate(_csv_rows(path, text, sep)):
+        if i == row + 1:
+            return line_no
+    return -1
 
 
 # --- CSV --------------------------------------------------------------------------------------
@@ -512,8 +610,12 @@ def read_csv(
     text = _read_text(p)
     if not text:
         raise ValueError(f"{p}: empty file (a header row is required)")
-    header_line = text.split("\n", 1)[0].rstrip("\r")
-    header = next(csv.reader([header_line], delimiter=sep))
+    if not isinstance(sep, str) or len(sep) != 1:
+        raise ValueError(f"sep must be one character, got {sep!r}")
+    header_line = text.split("\n", 1)[0]
+    if not header_line.strip():
+        raise ValueError(f"{p}:1: blank header line (a header row is required)")
+    header = next(_csv_rows(p, header_line, sep))[1]
     wanted = {"user": user_col, "item": item_col}
     if time_col is not None:
         wanted["timestamp"] = time_col
@@ -526,18 +628,7 @@ def read_csv(
             )
     if len(set(header)) != len(header):
         raise ValueError(f"{p}:1: repeated column names in the header {header}")
-    frame = None
-    try:
-        frame = pd.read_csv(
-            io.StringIO(text),
-            sep=sep,
-            header=0,
-            index_col=False,
-            skip_blank_lines=False,
-            engine="c",
-        )
-    except (ValueError, pd.errors.ParserError):
-        frame = None
+    frame = _bulk_read(text, sep=sep, header=0)
     names = list(wanted.values())
     if frame is not None and len(frame) == 0:
         raise ValueError(f"{p}: no interactions found (header only)")
@@ -547,17 +638,12 @@ def read_csv(
         or not all(frame[c].dtype == np.int64 for c in names)
     ):
         col_index = {name: header.index(name) for name in names}
-        reader = csv.reader(io.StringIO(text), delimiter=sep)
-        next(reader)
-        _scan_for_bad_row(
-            p,
-            enumerate(reader, start=2),
-            header,
-            {col_index[name]: _is_uint for name in names},
-        )
+        rows = _csv_rows(p, text, sep)
+        next(rows)
+        _scan_for_bad_row(p, rows, header, {col_index[name]: _is_uint for name in names})
         raise ValueError(f"{p}: could not parse the file (no single bad line found)")
     arrays = {role: frame[name].to_numpy(np.int64) for role, name in wanted.items()}
-    _check_nonnegative(p, arrays, first_line_no=2)
+    _check_nonnegative(p, arrays, lambda row: _csv_line_of_row(p, text, sep, row))
     return _group_events(
         arrays["user"], arrays["item"], arrays.get("timestamp"), str(p), {}, arrays.get("category")
     )

@@ -191,12 +191,14 @@ def windows_from_sequences(
     )
 
 
-def leave_one_out(data: SequenceData, max_len: int) -> SplitData:
+def leave_one_out(data: SequenceData, max_len: int, require_eval: bool = True) -> SplitData:
     """Split each user's sequence into train / valid / test by leave-one-out in time order.
 
     Args:
         data (SequenceData): the sequences (no empty ones).
         max_len (int): the largest input length (history length), ``>= 1``.
+        require_eval (bool): raise ``ValueError`` when no user has 3 events (nothing would be
+            left to validate or test), saying how many users were too short. Default: True.
 
     Example::
 
@@ -208,6 +210,10 @@ def leave_one_out(data: SequenceData, max_len: int) -> SplitData:
         ([2, 3, 4], [3, 4, 5])
         >>> split.stats["short_users"]
         1
+        >>> leave_one_out(SequenceData.from_lists([[1, 2], [3]], source="tiny.txt"), max_len=2)
+        Traceback (most recent call last):
+        ...
+        ValueError: tiny.txt: nothing left to evaluate: all 2 users have fewer than 3 events (1 with 2, 1 with 1); leave-one-out needs 3 per user (train, valid, test targets)
 
     Returns:
         SplitData: ``stats`` holds ``users``, ``eval_users`` (users with ``n >= 3``),
@@ -224,6 +230,8 @@ def leave_one_out(data: SequenceData, max_len: int) -> SplitData:
             f"{data.source}: user row {r} (raw id {int(data.user_ids[r])}) has an empty sequence"
         )
     long_enough = lengths >= 3
+    if require_eval and not long_enough.any():
+        raise ValueError(_nothing_to_evaluate(data.source, lengths))
     eval_rows = np.flatnonzero(long_enough)
     seqs = data.sequences
     train_seqs = [s[:-2] if n >= 3 else s for s, n in zip(seqs, lengths.tolist(), strict=True)]
@@ -264,4 +272,12 @@ def leave_one_out(data: SequenceData, max_len: int) -> SplitData:
         )
     return SplitData(
         train=train, valid=valid, test=test, num_items=data.num_items, max_len=max_len, stats=stats
+    )
+
+
+def _nothing_to_evaluate(source: str, lengths: np.ndarray) -> str:
+    n2, n1 = int((lengths == 2).sum()), int((lengths == 1).sum())
+    return (
+        f"{source}: nothing left to evaluate: all {len(lengths)} users have fewer than 3 events "
+        f"({n2} with 2, {n1} with 1); leave-one-out needs 3 per user (train, valid, test targets)"
     )

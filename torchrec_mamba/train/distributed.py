@@ -22,8 +22,11 @@ Embedding-table optimizers (measured facts about TorchRec 1.8 / FBGEMM 1.8):
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal, cast
 
@@ -41,6 +44,11 @@ from torchrec_mamba.models.recommender import SequentialRecommender as Mamba4Rec
 
 __all__ = [
     "DEFAULT_ADAGRAD_LR",
+    "DEFAULT_TIMEOUT_S",
+    "TIMEOUT_ENV",
+    "CollectiveFailure",
+    "collective_errors",
+    "resolve_timeout",
     "EMBEDDING_OPTIMIZERS",
     "SHARDING_TYPES",
     "DistributedContext",
@@ -61,6 +69,8 @@ logger = logging.getLogger(__name__)
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise")
 EMBEDDING_OPTIMIZERS = ("adam", "adagrad", "rowwise_adagrad", "sgd")
 DEFAULT_ADAGRAD_LR = 0.05  # table lr of the non-Adam optimizers when none is given
+TIMEOUT_ENV = "TORCHREC_MAMBA_PG_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 600.0  # torch's own default is 30 min; a dead rank should not cost that
 ShardingType = Literal["table_wise", "row_wise", "column_wise"]
 EmbeddingOptimizerName = Literal["adam", "adagrad", "rowwise_adagrad", "sgd"]
 
@@ -77,6 +87,8 @@ class DistributedContext:
         process_group (dist.ProcessGroup | None): the world group, None when not distributed.
         started_here (bool): whether :func:`init_distributed` created the group (and so should
             destroy it).
+        timeout_s (float): process-group timeout: how long a collective waits for the other
+            ranks before it fails. Default: 600.
 
     Example::
 
@@ -91,6 +103,7 @@ class DistributedContext:
     device: torch.device
     process_group: dist.ProcessGroup | None
     started_here: bool
+    timeout_s: float = 600.0
 
     @property
     def is_main(self) -> bool:
@@ -103,13 +116,67 @@ class DistributedContext:
         return self.process_group is not None
 
 
-def init_distributed(force_process_group: bool = False, device: str | None = None) -> DistributedContext:
+def resolve_timeout(timeout_s: float | None = None) -> float:
+    """The process-group timeout in seconds: the argument, else ``$TORCHREC_MAMBA_PG_TIMEOUT_S``, else 600.
+
+    Example::
+
+        >>> resolve_timeout(30)
+        30.0
+        >>> resolve_timeout(-1)
+        Traceback (most recent call last):
+        ...
+        ValueError: process-group timeout must be a number of seconds > 0, got -1
+    """
+    raw: object = timeout_s
+    if raw is None:
+        raw = os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
+    try:
+        value = float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not (value > 0 and value != float("inf")):
+        where = f" (from ${TIMEOUT_ENV})" if timeout_s is None else ""
+        raise ValueError(f"process-group timeout must be a number of seconds > 0, got {raw!r}{where}")
+    return value
+
+
+class CollectiveFailure(RuntimeError):
+    """A collective failed or timed out: another rank died or hangs. The message says so."""
+
+
+@contextmanager
+def collective_errors(ctx: DistributedContext) -> Iterator[None]:
+    """Turn a failed or timed-out collective into one clear :class:`CollectiveFailure`.
+
+    gloo and NCCL report a dead peer as ``Connection closed by peer`` or a ``Timed out`` after
+    :attr:`DistributedContext.timeout_s`; wrap the training loop so that the survivor says
+    which rank it is, that another rank has failed, and exits instead of waiting.
+    """
+    try:
+        yield
+    except RuntimeError as e:
+        if not ctx.distributed or isinstance(e, CollectiveFailure):
+            raise
+        reason = " ".join(str(e).split())[:300]
+        raise CollectiveFailure(
+            f"rank {ctx.rank} of {ctx.world_size}: a collective failed ({reason}); another rank "
+            f"has probably died or hangs (see its log). Gave up instead of waiting; the "
+            f"process-group timeout is {ctx.timeout_s:g} s (${TIMEOUT_ENV})"
+        ) from None
+
+
+def init_distributed(
+    force_process_group: bool = False, device: str | None = None, timeout_s: float | None = None
+) -> DistributedContext:
     """Join the ``torchrun`` process group (gloo on CPU, NCCL on GPU), or run as one process.
 
     Args:
         force_process_group (bool): start a one-process gloo/NCCL group even without torchrun
             (needed to shard tables with DMP in a single process). Default: False.
         device (str | None): ``"cpu"`` or ``"cuda"``; default: CUDA when available.
+        timeout_s (float | None): how long a collective waits for the other ranks before it
+            fails; see :func:`resolve_timeout`. Default: ``$TORCHREC_MAMBA_PG_TIMEOUT_S`` or 600.
 
     Example::
 
@@ -125,29 +192,35 @@ def init_distributed(force_process_group: bool = False, device: str | None = Non
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if use_cuda and not torch.cuda.is_available():
         raise ValueError("device='cuda' asked for but CUDA is not available")
+    timeout = resolve_timeout(timeout_s)
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", rank))
         dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-        return DistributedContext(rank, world, local, dev, dist.GroupMember.WORLD, False)
+        return DistributedContext(rank, world, local, dev, dist.GroupMember.WORLD, False, timeout)
     if not under_torchrun and not force_process_group:
         dev = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
-        return DistributedContext(0, 1, 0, dev, None, False)
+        return DistributedContext(0, 1, 0, dev, None, False, timeout)
+    pg_timeout = datetime.timedelta(seconds=timeout)
     backend = "nccl" if use_cuda else "gloo"
     if under_torchrun:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
         if use_cuda:
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=pg_timeout)
     else:
         local = 0
         dev = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
-        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(
+            backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=pg_timeout
+        )
     rank, world = dist.get_rank(), dist.get_world_size()
-    logger.info("process group %s: rank %d of %d on %s", backend, rank, world, dev)
-    return DistributedContext(rank, world, local, dev, dist.GroupMember.WORLD, True)
+    logger.info(
+        "process group %s: rank %d of %d on %s (timeout %g s)", backend, rank, world, dev, timeout
+    )
+    return DistributedContext(rank, world, local, dev, dist.GroupMember.WORLD, True, timeout)
 
 
 def destroy_distributed(ctx: DistributedContext) -> None:
