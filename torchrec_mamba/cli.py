@@ -123,7 +123,7 @@ def _prepare_run(cfg: RunConfig, ctx: DistributedContext):  # type: ignore[no-un
     import torch
 
     from torchrec_mamba.data import load_sequences
-    from torchrec_mamba.train.config import DataInfo, build_model
+    from torchrec_mamba.train.config import DataInfo, build_model, targets_per_row
     from torchrec_mamba.train.distributed import (
         build_optimizer,
         resolve_embedding_optimizer,
@@ -135,7 +135,8 @@ def _prepare_run(cfg: RunConfig, ctx: DistributedContext):  # type: ignore[no-un
     split, train, valid, test = _loaders(cfg, data, ctx)
     info = DataInfo.from_sequence_data(data)
     counts = torch.from_numpy(np.bincount(split.train.values, minlength=data.num_items + 1))
-    model: Any = build_model(cfg, info, ctx.device, item_counts=counts)
+    per_row = targets_per_row(np.diff(split.train.offsets) - 1)  # inputs of each training window
+    model: Any = build_model(cfg, info, ctx.device, item_counts=counts, targets_per_row=per_row)
     sharded = cfg.sharding is not None
     emb_opt = resolve_embedding_optimizer(
         cfg.embedding_optimizer, cfg.embedding_lr, cfg.lr, sharded, ctx.device

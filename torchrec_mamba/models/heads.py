@@ -33,6 +33,11 @@ class FullSoftmaxHead(nn.Module):
 
     Candidate row ``j`` stands for id ``j + 1`` (id 0 is padding and never a class).
 
+    Args:
+        logits_dtype (torch.dtype | None): dtype of the training product ``user @ candidates.T``
+            (e.g. ``torch.bfloat16``: several times faster on CPUs with AVX512-BF16 and on
+            GPUs); the softmax and the loss stay float32. None: the inputs' dtype. Default: None.
+
     Example::
 
         >>> head = FullSoftmaxHead()
@@ -43,6 +48,12 @@ class FullSoftmaxHead(nn.Module):
         >>> torch.allclose(loss, ref)
         True
     """
+
+    def __init__(self, logits_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if logits_dtype not in (None, torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise ValueError(f"FullSoftmaxHead: unsupported logits_dtype {logits_dtype}")
+        self.logits_dtype = logits_dtype
 
     def forward(self, user: Tensor, candidates: Tensor, targets: Tensor) -> Tensor:
         """Mean cross-entropy of the targets.
@@ -55,7 +66,13 @@ class FullSoftmaxHead(nn.Module):
         Returns:
             Tensor: scalar mean loss (0 when T == 0, still differentiable).
         """
-        logits = user @ candidates.t()  # (T, I)
+        dtype = self.logits_dtype
+        if dtype is not None and dtype != user.dtype:
+            # The (T, I) product is most of a training step; bf16 inputs with a float32 softmax
+            # is the usual mixed-precision recipe (evaluation scores stay in float32).
+            logits = (user.to(dtype) @ candidates.to(dtype).t()).float()  # (T, I)
+        else:
+            logits = user @ candidates.t()  # (T, I)
         per_target = F.cross_entropy(logits, targets.long() - 1, reduction="none")  # (T,)
         return masked_mean(per_target)
 

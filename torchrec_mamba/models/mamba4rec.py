@@ -70,8 +70,13 @@ def make_tasks(
     loss_positions: LossPositions = "all",
     sampled_softmax: SampledSoftmaxConfig | None = None,
     item_counts: Tensor | None = None,
+    logits_dtype: torch.dtype | None = None,
+    targets_per_row: float | None = None,
 ) -> list[TiedSoftmaxTask]:
     """Next item, plus next category when ``category_loss_weight > 0``.
+
+    ``logits_dtype`` applies to the item softmax, ``targets_per_row`` to both tasks (see
+    :class:`~torchrec_mamba.models.tasks.TiedSoftmaxTask`).
 
     Example::
 
@@ -81,10 +86,13 @@ def make_tasks(
     if category_loss_weight > 0 and num_categories == 0:
         raise ValueError("category_loss_weight > 0 needs num_categories > 0 (a category table)")
     tasks: list[TiedSoftmaxTask] = [
-        NextItemTask(num_items, item_loss_weight, loss_positions, sampled_softmax, item_counts)
+        NextItemTask(num_items, item_loss_weight, loss_positions, sampled_softmax, item_counts,
+                     logits_dtype, targets_per_row)
     ]
     if category_loss_weight > 0:
-        tasks.append(NextCategoryTask(num_categories, category_loss_weight, loss_positions))
+        category = NextCategoryTask(num_categories, category_loss_weight, loss_positions)
+        category.targets_per_row = targets_per_row
+        tasks.append(category)
     return tasks
 
 
@@ -96,10 +104,11 @@ def _assemble(
     task_kwargs: dict[str, Any],
     side_features: Sequence[SideFeature],
     device: torch.device | str | None,
+    input_scale: float,
 ) -> SequentialRecommender:
     tables = SequenceTables(num_items, embedding_dim, num_categories)
     tasks = make_tasks(num_items, num_categories, **task_kwargs)
-    return SequentialRecommender(tables, encoder, tasks, side_features, device)
+    return SequentialRecommender(tables, encoder, tasks, side_features, device, input_scale)
 
 
 def mamba4rec(
@@ -113,6 +122,9 @@ def mamba4rec(
     item_counts: Tensor | None = None,
     side_features: Sequence[SideFeature] = (),
     device: torch.device | str | None = None,
+    logits_dtype: torch.dtype | None = None,
+    targets_per_row: float | None = None,
+    input_scale: float = 1.0,
     **encoder_kwargs: Any,
 ) -> SequentialRecommender:
     """Mamba4Rec: a :class:`MambaSequenceEncoder` between the tables and the tasks.
@@ -127,6 +139,12 @@ def mamba4rec(
         item_counts (Tensor | None): (I + 1,) training counts for its proposal. Default: None.
         side_features (Sequence[SideFeature]): pooled side features. Default: ().
         device (torch.device | str | None): device of tables and encoder. Default: None.
+        logits_dtype (torch.dtype | None): dtype of the item softmax's training product, e.g.
+            ``torch.bfloat16`` (:class:`~torchrec_mamba.models.heads.FullSoftmaxHead`).
+            Default: None (float32).
+        targets_per_row (float | None): "global" loss normalisation constant
+            (:class:`~torchrec_mamba.models.tasks.TiedSoftmaxTask`). Default: None (batch mean).
+        input_scale (float): factor on the embeddings entering the encoder. Default: 1.0.
         **encoder_kwargs: passed to ``MambaSequenceEncoder`` (``num_layers``, ``d_state``,
             ``d_conv``, ``expand``, ``dropout``, ``backend``, ``init``) with its defaults.
 
@@ -138,9 +156,10 @@ def mamba4rec(
     """
     encoder = MambaSequenceEncoder(d_model=embedding_dim, device=device, **encoder_kwargs)
     task_kwargs = dict(category_loss_weight=category_loss_weight, loss_positions=loss_positions,
-                       sampled_softmax=sampled_softmax, item_counts=item_counts)
+                       sampled_softmax=sampled_softmax, item_counts=item_counts,
+                       logits_dtype=logits_dtype, targets_per_row=targets_per_row)
     return _assemble(encoder, num_items, embedding_dim, num_categories, task_kwargs,
-                     side_features, device)
+                     side_features, device, input_scale)
 
 
 def sasrec(
@@ -154,6 +173,9 @@ def sasrec(
     item_counts: Tensor | None = None,
     side_features: Sequence[SideFeature] = (),
     device: torch.device | str | None = None,
+    logits_dtype: torch.dtype | None = None,
+    targets_per_row: float | None = None,
+    input_scale: float = 1.0,
     **encoder_kwargs: Any,
 ) -> SequentialRecommender:
     """The SASRec baseline: the same tables and tasks with a :class:`SASRecEncoder`.
@@ -169,9 +191,10 @@ def sasrec(
     """
     encoder = SASRecEncoder(d_model=embedding_dim, device=device, **encoder_kwargs)
     task_kwargs = dict(category_loss_weight=category_loss_weight, loss_positions=loss_positions,
-                       sampled_softmax=sampled_softmax, item_counts=item_counts)
+                       sampled_softmax=sampled_softmax, item_counts=item_counts,
+                       logits_dtype=logits_dtype, targets_per_row=targets_per_row)
     return _assemble(encoder, num_items, embedding_dim, num_categories, task_kwargs,
-                     side_features, device)
+                     side_features, device, input_scale)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ lengths ``[n, 0, ..., 0]``). The training loop calls it before the pipeline sees
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -65,6 +66,8 @@ class SequenceTower(nn.Module):
         tasks (Sequence[TiedSoftmaxTask]): the tasks, first one primary.
         sequence_keys (Sequence[str]): EC outputs summed into the encoder input.
         embedding_dim (int): width D.
+        input_scale (float): factor on the fused embeddings before the encoder (SASRec's
+            ``sqrt(D)``; the tied output keeps the unscaled rows). Default: 1.0.
     """
 
     def __init__(
@@ -73,8 +76,10 @@ class SequenceTower(nn.Module):
         tasks: Sequence[TiedSoftmaxTask],
         sequence_keys: Sequence[str],
         embedding_dim: int,
+        input_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        self.input_scale = float(input_scale)
         self.encoder = encoder
         self.tasks = nn.ModuleList(tasks)
         self.sequence_keys = list(sequence_keys)
@@ -94,6 +99,8 @@ class SequenceTower(nn.Module):
         for key in self.sequence_keys[1:]:  # category embeddings fused into the input
             jt = embeddings[key]
             x = x + jagged_to_padded_dense(jt.values(), jt.offsets(), max_len)  # (B, L, D)
+        if self.input_scale != 1.0:
+            x = x * self.input_scale
         h = self.encoder(x, lengths)  # (B, L, D)
         return add_side(h, side, self.embedding_dim), lengths
 
@@ -119,7 +126,8 @@ class SequenceTower(nn.Module):
         for i, task in enumerate(self._tasks()):
             user, targets = select_targets(h, lengths, labels[task.key].values(), task.loss_positions)
             candidates = embeddings[task.candidate_key].values()  # (K, D) or (T + S, D)
-            task_loss = task.loss(user, targets, candidates, features[task.candidate_key].values())
+            task_loss = task.loss(user, targets, candidates, features[task.candidate_key].values(),
+                                  num_rows=h.shape[0])
             term = task.loss_weight * task_loss
             total = term if total is None else total + term
             by_key[task.key] = task_loss.detach()
@@ -161,6 +169,7 @@ class SequentialRecommender(nn.Module):
         side_features (Sequence[SideFeature]): pooled side features. Default: ().
         device (torch.device | str | None): device of the tables (``"meta"`` works; DMP
             materialises sharded tables from meta). Default: None (CPU).
+        input_scale (float): factor on the embeddings entering the encoder. Default: 1.0.
 
     Example::
 
@@ -188,8 +197,11 @@ class SequentialRecommender(nn.Module):
         tasks: Sequence[TiedSoftmaxTask],
         side_features: Sequence[SideFeature] = (),
         device: torch.device | str | None = None,
+        input_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        if not (math.isfinite(input_scale) and input_scale > 0):
+            raise ValueError(f"input_scale must be finite and > 0, got {input_scale!r}")
         d_model = getattr(encoder, "d_model", tables.embedding_dim)
         if d_model != tables.embedding_dim:
             raise ValueError(
@@ -209,7 +221,9 @@ class SequentialRecommender(nn.Module):
         self.ebc = build_side_tables(
             self.side_features, tables.embedding_dim, tables.init_bound, device
         )
-        self.tower = SequenceTower(encoder, tasks, self.sequence_keys, tables.embedding_dim)
+        self.tower = SequenceTower(
+            encoder, tasks, self.sequence_keys, tables.embedding_dim, input_scale
+        )
 
     @property
     def encoder(self) -> nn.Module:

@@ -128,6 +128,13 @@ class TiedSoftmaxTask(nn.Module):
             softmax over all K ids. Default: None.
         counts (Tensor | None): (K + 1,) training frequency of each id, for the popularity
             proposal of the sampled softmax; None means uniform. Default: None.
+        logits_dtype (torch.dtype | None): dtype of the full softmax's training product (see
+            :class:`~torchrec_mamba.models.heads.FullSoftmaxHead`). Default: None.
+        targets_per_row (float | None): None averages the loss over the batch's targets
+            ("batch" normalisation). A number N divides the summed loss by ``rows * N``
+            instead ("global"): with N the mean targets per training row, every target weighs
+            the same whatever the batch's mix of lengths, as in a randomly batched epoch, also
+            when length-bucketed batches hold 20x more targets than others. Default: None.
     """
 
     def __init__(
@@ -139,8 +146,15 @@ class TiedSoftmaxTask(nn.Module):
         loss_positions: LossPositions = "all",
         sampled_softmax: SampledSoftmaxConfig | None = None,
         counts: Tensor | None = None,
+        logits_dtype: torch.dtype | None = None,
+        targets_per_row: float | None = None,
     ) -> None:
         super().__init__()
+        if targets_per_row is not None and not (
+            isinstance(targets_per_row, (int, float)) and math.isfinite(targets_per_row)
+            and targets_per_row > 0
+        ):
+            raise ValueError(f"{name}: targets_per_row must be finite and > 0, got {targets_per_row!r}")
         if not isinstance(num_ids, int) or isinstance(num_ids, bool) or num_ids < 1:
             raise ValueError(f"{name}: num_ids must be an int >= 1, got {num_ids!r}")
         if not isinstance(loss_weight, (int, float)) or not math.isfinite(loss_weight) or loss_weight < 0:
@@ -154,8 +168,11 @@ class TiedSoftmaxTask(nn.Module):
         self.loss_weight = float(loss_weight)
         self.loss_positions: LossPositions = loss_positions
         self.sampled_softmax = sampled_softmax
+        self.targets_per_row = None if targets_per_row is None else float(targets_per_row)
         self.head: nn.Module = (
-            FullSoftmaxHead() if sampled_softmax is None else SampledSoftmaxHead(sampled_softmax)
+            FullSoftmaxHead(logits_dtype)
+            if sampled_softmax is None
+            else SampledSoftmaxHead(sampled_softmax)
         )
         # plain attribute: derived from data, not a learnt state
         self.log_q: Tensor | None = (
@@ -192,18 +209,36 @@ class TiedSoftmaxTask(nn.Module):
             raise RuntimeError(f"{self.name}: sampled softmax without a proposal (log_q)")
         return self.log_q
 
-    def loss(self, user: Tensor, targets: Tensor, candidates: Tensor, ids: Tensor) -> Tensor:
-        """Mean loss of the targets against the looked-up candidates.
+    def loss(
+        self,
+        user: Tensor,
+        targets: Tensor,
+        candidates: Tensor,
+        ids: Tensor,
+        num_rows: int | None = None,
+    ) -> Tensor:
+        """Loss of the targets against the looked-up candidates (normalised as configured).
 
         Args:
             user (Tensor): (T, D) from :func:`select_targets`.
             targets (Tensor): (T,) ids in ``1..K``.
             candidates (Tensor): (K, D) or (T + S, D) rows of :meth:`candidate_ids`.
             ids (Tensor): the ids that were looked up, as :meth:`candidate_ids` gave them.
+            num_rows (int | None): rows B of the batch, needed with ``targets_per_row``.
+                Default: None.
 
         Returns:
             Tensor: scalar (0 when T == 0, still differentiable).
         """
+        mean = self._mean_loss(user, targets, candidates, ids)
+        if self.targets_per_row is None:
+            return mean
+        if num_rows is None:
+            raise ValueError(f"{self.name}: targets_per_row normalisation needs num_rows")
+        # mean * T / (B * N) == sum / (B * N): each target has the same weight in every batch
+        return mean * (targets.numel() / (max(num_rows, 1) * self.targets_per_row))
+
+    def _mean_loss(self, user: Tensor, targets: Tensor, candidates: Tensor, ids: Tensor) -> Tensor:
         if self.sampled_softmax is None:
             return self.head(user, candidates, targets)
         num_pos = targets.numel()
@@ -236,6 +271,8 @@ class NextItemTask(TiedSoftmaxTask):
         loss_positions (str): ``"all"`` or ``"last"``. Default: ``"all"``.
         sampled_softmax (SampledSoftmaxConfig | None): Default: None (full softmax).
         item_counts (Tensor | None): (I + 1,) training counts for the proposal. Default: None.
+        logits_dtype (torch.dtype | None): see :class:`TiedSoftmaxTask`. Default: None.
+        targets_per_row (float | None): see :class:`TiedSoftmaxTask`. Default: None.
 
     Example::
 
@@ -253,9 +290,12 @@ class NextItemTask(TiedSoftmaxTask):
         loss_positions: LossPositions = "all",
         sampled_softmax: SampledSoftmaxConfig | None = None,
         item_counts: Tensor | None = None,
+        logits_dtype: torch.dtype | None = None,
+        targets_per_row: float | None = None,
     ) -> None:
         super().__init__(
-            ITEM, "next_item", num_items, loss_weight, loss_positions, sampled_softmax, item_counts
+            ITEM, "next_item", num_items, loss_weight, loss_positions, sampled_softmax, item_counts,
+            logits_dtype, targets_per_row,
         )
 
 

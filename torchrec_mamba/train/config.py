@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ __all__ = [
     "RunConfig",
     "add_run_config_args",
     "build_model",
+    "targets_per_row",
 ]
 
 RUN_CONFIG = "run_config.json"
@@ -89,11 +91,21 @@ class RunConfig:
                                 "(0: full)", "model", metavar="S")
     category_loss_weight: float = _opt(0.0, "weight of the next-category task when the data has "
                                        "categories", "model")
+    embedding_scale: str = _opt("none", "scale the embeddings entering the encoder: none, or "
+                                "sqrt (times sqrt(d_model), as the original SASRec)", "model",
+                                choices=("none", "sqrt"))
     # --- optimisation ---
     epochs: int = _opt(60, "maximum epochs", "train")
     patience: int = _opt(5, "early-stopping patience", "train")
     lr: float = _opt(2e-3, "learning rate", "train")
     weight_decay: float = _opt(0.0, "AdamW decay of dense weights (0: Adam)", "train")
+    head_dtype: str = _opt("float32", "dtype of the training softmax product (bfloat16: several "
+                           "times faster on AVX512-BF16 CPUs and GPUs; evaluation stays float32)",
+                           "train", choices=("float32", "bfloat16"))
+    loss_normalization: str = _opt(
+        "batch", "batch: mean over each batch's targets; global: sum / (rows x mean targets per "
+        "training row), so every target weighs the same whatever the length mix of its batch",
+        "train", choices=("batch", "global"))
     embedding_optimizer: str = _opt(
         "auto", "table optimizer; auto = adam, or exact adagrad for sharded tables on CPU where "
         "FBGEMM has no fused Adam", "train",
@@ -267,6 +279,7 @@ def build_model(
     data: DataInfo,
     device: torch.device | str | None = None,
     item_counts: Tensor | None = None,
+    targets_per_row: float | None = None,
 ) -> Any:
     """The run's ``SequentialRecommender``: ``mamba4rec(...)`` or ``sasrec(...)`` from the config.
 
@@ -279,6 +292,8 @@ def build_model(
         device (torch.device | str | None): parameter device. Default: None (CPU).
         item_counts (Tensor | None): (I + 1,) training counts of each item, the proposal of the
             sampled softmax (count training ids only, so nothing leaks). Default: None.
+        targets_per_row (float | None): mean training targets per row, required by
+            ``loss_normalization="global"`` (see :func:`targets_per_row`). Default: None.
 
     Example::
 
@@ -293,6 +308,9 @@ def build_model(
     from torchrec_mamba.models import SampledSoftmaxConfig, mamba4rec, sasrec
 
     cfg = config.resolved()
+    if cfg.loss_normalization == "global" and targets_per_row is None:
+        raise ValueError("loss_normalization='global' needs targets_per_row (the mean number of "
+                         "training targets per row, see train.config.targets_per_row)")
     sampled = SampledSoftmaxConfig(num_negatives=cfg.sampled_softmax) if cfg.sampled_softmax else None
     common: dict[str, Any] = dict(
         num_categories=data.num_categories,
@@ -303,9 +321,28 @@ def build_model(
         device=device,
         num_layers=cfg.num_layers,
         dropout=cfg.dropout,
+        logits_dtype=torch.bfloat16 if cfg.head_dtype == "bfloat16" else None,
+        targets_per_row=targets_per_row if cfg.loss_normalization == "global" else None,
+        input_scale=math.sqrt(cfg.d_model) if cfg.embedding_scale == "sqrt" else 1.0,
     )
     if cfg.model == "mamba4rec":
         return mamba4rec(data.num_items, cfg.d_model, d_state=cfg.d_state, d_conv=cfg.d_conv,
                          expand=cfg.expand, backend=cfg.backend, init=cfg.init, **common)
     return sasrec(data.num_items, cfg.d_model, num_heads=cfg.num_heads, max_len=cfg.max_len,
                   attn_dropout=cfg.attn_dropout, **common)
+
+
+def targets_per_row(lengths: Any) -> float:
+    """Mean training targets per row, from the rows' input lengths (``"global"`` normalisation).
+
+    Example::
+
+        >>> targets_per_row([2, 3, 7])
+        4.0
+    """
+    import numpy as np
+
+    values = np.asarray(lengths, dtype=np.float64)
+    if values.size == 0 or not values.sum() > 0:
+        raise ValueError("targets_per_row: the training part has no targets")
+    return float(values.mean())
