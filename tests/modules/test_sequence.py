@@ -50,3 +50,29 @@ def test_both_encoders_follow_the_contract(encoder: torch.nn.Module) -> None:
     assert out.shape == (2, 5, 8) and bool((out[1, 2:] == 0).all())
     assert_close(encoder.last_state(x, lengths), gather_last(out, lengths))
     assert isinstance(encoder, StreamingEncoder) == isinstance(encoder, MambaSequenceEncoder)
+
+
+@pytest.mark.parametrize("encoder_name", ["mamba", "sasrec"])
+def test_encoder_refuses_another_dtype_with_both_dtypes_named(encoder_name: str) -> None:
+    from torchrec_mamba.modules import MambaSequenceEncoder, SASRecEncoder
+
+    enc = (MambaSequenceEncoder(d_model=8, d_state=4, backend="reference")
+           if encoder_name == "mamba" else SASRecEncoder(d_model=8, max_len=6))
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    lengths = torch.tensor([5, 2])
+    msg = r"x has dtype torch.float64 but the encoder's parameters are torch.float32"
+    with pytest.raises(TypeError, match=msg):
+        enc(x, lengths)
+    with pytest.raises(TypeError, match=msg):
+        enc.last_state(x, lengths)
+    # after converting the encoder, the same input works
+    assert enc.double()(x, lengths).dtype == torch.float64
+
+
+def test_step_refuses_another_dtype() -> None:
+    from torchrec_mamba.modules import MambaSequenceEncoder
+
+    enc = MambaSequenceEncoder(d_model=8, d_state=4, backend="reference").eval()
+    state = enc.allocate_state(2)
+    with pytest.raises(TypeError, match=r"x_t has dtype torch.float64 but .* torch.float32"):
+        enc.step(torch.randn(2, 8, dtype=torch.float64), state)

@@ -30,8 +30,8 @@ def test_todays_defaults_are_kept() -> None:
     assert (cfg.lr, cfg.batch_size, cfg.length_buckets, cfg.epochs, cfg.patience) == (
         2e-3, 128, 16, 60, 5)
     assert (cfg.num_layers, cfg.d_model, cfg.max_len, cfg.eval_batch_size) == (2, 64, 50, 1024)
-    assert MODEL_DROPOUT == {"mamba4rec": 0.5, "sasrec": 0.4}
-    assert RunConfig(model="sasrec").resolved().dropout == 0.4
+    assert MODEL_DROPOUT == {"mamba4rec": 0.5, "sasrec": 0.5}
+    assert RunConfig(model="sasrec").resolved().dropout == 0.5
     assert RunConfig(dropout=0.1).resolved().dropout == 0.1
     assert RunConfig().resolved(world_size=2).sharding == "row_wise"
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from torchrec_mamba.modules.feed_forward import FastDropout, FeedForward
 from torchrec_mamba.modules.mamba_block import MambaBlock, MambaState
-from torchrec_mamba.modules.sequence import as_padded, gather_last, padding_mask
+from torchrec_mamba.modules.sequence import as_padded, check_like, gather_last, padding_mask
 
 if TYPE_CHECKING:
     from torchrec.sparse.jagged_tensor import JaggedTensor
@@ -234,7 +234,7 @@ class MambaSequenceEncoder(nn.Module):
             Tensor: (B, L, D) outputs, exactly zero at padded positions; with
             ``return_state``, also a list of ``num_layers`` states.
         """
-        x, lengths = as_padded(x, lengths, self.d_model, "MambaSequenceEncoder")
+        x, lengths = as_padded(x, lengths, self.d_model, "MambaSequenceEncoder", self.input_norm.weight)
         return self._encode(x, lengths, return_state)
 
     def _encode(
@@ -270,7 +270,7 @@ class MambaSequenceEncoder(nn.Module):
             Tensor: (B, D). A row of length 0 (a cold user, no history) is all zeros, which
             scores every item 0 under a dot-product head.
         """
-        x, lengths = as_padded(x, lengths, self.d_model, "MambaSequenceEncoder")
+        x, lengths = as_padded(x, lengths, self.d_model, "MambaSequenceEncoder", self.input_norm.weight)
         out = cast(Tensor, self._encode(x, lengths, return_state=False))  # (B, L, D)
         return gather_last(out, lengths)
 
@@ -316,6 +316,7 @@ class MambaSequenceEncoder(nn.Module):
             raise ValueError(
                 f"MambaSequenceEncoder.step: x_t must be (B, D) with D={self.d_model}, got {shape}"
             )
+        check_like(x_t, self.input_norm.weight, "MambaSequenceEncoder.step", "x_t")
         if not isinstance(state, (list, tuple)) or len(state) != self.num_layers:
             got = len(state) if isinstance(state, (list, tuple)) else type(state).__name__
             raise ValueError(

@@ -179,7 +179,7 @@ class SASRecEncoder(nn.Module):
         Returns:
             Tensor: (B, L, D), exactly zero at padded positions.
         """
-        x, lengths = as_padded(x, lengths, self.d_model, "SASRecEncoder")
+        x, lengths = as_padded(x, lengths, self.d_model, "SASRecEncoder", self.input_norm.weight)
         return self._encode(x, lengths)
 
     def _encode(self, x: Tensor, lengths: Tensor | None) -> Tensor:
@@ -213,5 +213,5 @@ class SASRecEncoder(nn.Module):
         Returns:
             Tensor: (B, D).
         """
-        x, lengths = as_padded(x, lengths, self.d_model, "SASRecEncoder")
+        x, lengths = as_padded(x, lengths, self.d_model, "SASRecEncoder", self.input_norm.weight)
         return gather_last(cast(Tensor, self._encode(x, lengths)), lengths)

@@ -22,7 +22,7 @@ from torchrec_mamba.modules.mamba_block import check_lengths, check_padded
 if TYPE_CHECKING:
     from torchrec.sparse.jagged_tensor import JaggedTensor
 
-__all__ = ["as_padded", "gather_last", "jagged_to_padded_dense", "padding_mask"]
+__all__ = ["as_padded", "check_like", "gather_last", "jagged_to_padded_dense", "padding_mask"]
 
 
 def padding_mask(lengths: Tensor, length: int) -> Tensor:
@@ -90,8 +90,39 @@ def jagged_to_padded_dense(values: Tensor, offsets: Tensor, max_len: int) -> Ten
     return torch.ops.fbgemm.jagged_to_padded_dense(values, [offsets], [max_len], 0.0)
 
 
+def check_like(x: Tensor, param: Tensor, owner: str, name: str = "x") -> None:
+    """Raise ``TypeError`` when ``x`` is not on ``param``'s device or not of its dtype.
+
+    A mixed dtype would otherwise surface deep inside a kernel (``RuntimeError: mixed dtype``)
+    without saying which tensor. Under ``torch.autocast`` the dtype may differ.
+
+    Example::
+
+        >>> check_like(torch.zeros(2, dtype=torch.float64), torch.zeros(1), "Enc")
+        Traceback (most recent call last):
+        ...
+        TypeError: Enc: x has dtype torch.float64 but the encoder's parameters are torch.float32; pass x.to(torch.float32) or convert the encoder with .to(torch.float64)
+    """
+    if x.device != param.device and param.device.type != "meta":
+        raise TypeError(
+            f"{owner}: {name} is on {x.device} but the encoder's parameters are on "
+            f"{param.device}; move one of them with .to()"
+        )
+    autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+    if x.dtype != param.dtype and not autocast:
+        raise TypeError(
+            f"{owner}: {name} has dtype {x.dtype} but the encoder's parameters are "
+            f"{param.dtype}; pass {name}.to({param.dtype}) or convert the encoder with "
+            f".to({x.dtype})"
+        )
+
+
 def as_padded(
-    x: Tensor | JaggedTensor, lengths: Tensor | None, d_model: int, owner: str
+    x: Tensor | JaggedTensor,
+    lengths: Tensor | None,
+    d_model: int,
+    owner: str,
+    param: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Validate a sequence batch and return it right-padded, with its lengths.
 
@@ -102,6 +133,8 @@ def as_padded(
             ``JaggedTensor``, which carries its own.
         d_model (int): expected width D.
         owner (str): name used in error messages.
+        param (Tensor, optional): a parameter of the encoder; ``x`` must match its dtype and
+            device (:func:`check_like`). Default: None (not checked).
 
     Returns:
         tuple: padded (B, L, D) (L = the longest length for jagged input, zeros after each
@@ -113,6 +146,8 @@ def as_padded(
     """
     if isinstance(x, Tensor):
         check_padded(x, d_model, owner)
+        if param is not None:
+            check_like(x, param, owner)
         if lengths is not None:
             check_lengths(lengths, x.shape[0], x.shape[1], owner)
         return x, lengths
@@ -132,6 +167,8 @@ def as_padded(
         raise TypeError(
             f"{owner}: JaggedTensor values must be floating embeddings, got dtype {values.dtype}"
         )
+    if param is not None:
+        check_like(values, param, owner, "JaggedTensor values")
     if values.dim() != 2 or values.shape[-1] != d_model:
         raise ValueError(
             f"{owner}: JaggedTensor values must be (total, D) with D={d_model}, "
