@@ -1,0 +1,319 @@
+"""Streaming serving state: each user's per-layer Mamba state, updated in O(1) per event.
+
+Shape letters: B users in a call, U users held, D width, E inner width, W conv width, N state
+size, L history length, K recommended items.
+
+A user's state is what :meth:`MambaSequenceEncoder.step` needs to fold in one more event (per
+layer a conv window (E, W) and an SSM state (E, N)) plus the current user representation (D,),
+the encoder output after the user's latest event. The store keeps them for every user in a few
+contiguous (capacity, ...) tensors; a batched :meth:`UserStateStore.update` gathers the rows of
+the users in the call (one ``index_select`` per tensor), runs one batched ``step`` and scatters
+the rows back (``index_copy_``). Rows of users outside the call are never read or written.
+
+The encoder input of an event is produced by ``input_fn(item_ids, category_ids)``: by default
+the item embedding; :meth:`UserStateStore.from_model` builds the exact input of ``Mamba4Rec``'s
+tower (item embedding, plus the category embedding when the model has a category table), read
+through the model's EmbeddingCollection so that it also works with a sharded table.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from torchrec_mamba.modules.mamba_block import MambaState
+from torchrec_mamba.serving.state_file import StateFileError, read_checked, write_atomic
+from torchrec_mamba.serving.topk import ItemSource, chunked_topk
+
+__all__ = ["StateFileError", "UserStateStore"]
+
+logger = logging.getLogger(__name__)
+
+InputFn = Callable[[Tensor, "Tensor | None"], Tensor]
+_FORMAT = 1
+
+
+def _ids(values: Sequence[int] | Tensor, name: str) -> Tensor:
+    t = torch.as_tensor(values)
+    if t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be a 1-D sequence of ints, got {t.dtype} shape {tuple(t.shape)}")
+    return t.long()
+
+
+class UserStateStore:
+    """Per-user recurrent states of a Mamba encoder, with batched updates and chunked top-K.
+
+    The encoder is switched to eval mode (streaming equals re-encoding only without dropout).
+
+    Args:
+        encoder (nn.Module): a ``MambaSequenceEncoder`` (``allocate_state`` / ``step``).
+        items (ItemSource | Tensor): the catalogue for :meth:`recommend` and the default input;
+            a tensor is an ``(I + 1, D)`` table (row 0 padding).
+        input_fn (Callable | None): ``(item_ids (B,), category_ids (B,) | None) -> (B, D)`` encoder
+            input of one event. Default: None (``items.lookup(item_ids)``).
+        capacity (int): initial user rows (grows by doubling). Default: 1024.
+        chunk_size (int): items per chunk in :meth:`recommend`. Default: 65536.
+
+    Example::
+
+        >>> from torchrec_mamba.modules import MambaSequenceEncoder
+        >>> enc = MambaSequenceEncoder(d_model=8, d_state=4, backend="reference")
+        >>> store = UserStateStore(enc, torch.randn(21, 8))      # 20 items, row 0 padding
+        >>> store.update([7, 42], [3, 5])                        # user 7 saw item 3, user 42 item 5
+        >>> store.update([7], [4])
+        >>> store.num_events([7, 42]).tolist()
+        [2, 1]
+        >>> ids, scores = store.recommend([7, 42], k=3)
+        >>> ids.shape, scores.shape
+        (torch.Size([2, 3]), torch.Size([2, 3]))
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        items: ItemSource | Tensor,
+        input_fn: InputFn | None = None,
+        *,
+        capacity: int = 1024,
+        chunk_size: int = 65536,
+    ) -> None:
+        for attr in ("allocate_state", "step", "d_model"):
+            if not hasattr(encoder, attr):
+                raise TypeError(f"encoder must have {attr!r} (a MambaSequenceEncoder), got {type(encoder).__name__}")
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
+        self.encoder = encoder.eval()
+        self.items = items if isinstance(items, ItemSource) else ItemSource.from_table(items)
+        self.input_fn: InputFn = input_fn or (lambda item_ids, _cat: self.items.lookup(item_ids))
+        self.chunk_size = chunk_size
+        self._slot: dict[int, int] = {}
+        template = encoder.allocate_state(capacity)
+        self._conv = [s.conv_state for s in template]  # per layer (cap, E, W)
+        self._ssm = [s.ssm_state for s in template]  # per layer (cap, E, N)
+        param = next(encoder.parameters())
+        self._repr = torch.zeros(capacity, encoder.d_model, device=param.device, dtype=param.dtype)
+        self._count = torch.zeros(capacity, dtype=torch.long, device=param.device)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, **kwargs: Any) -> UserStateStore:
+        """A store serving a (possibly sharded) ``Mamba4Rec``: its encoder, tables and input.
+
+        Args:
+            model (nn.Module): a ``Mamba4Rec`` (side features are not supported yet).
+            **kwargs: ``capacity``, ``chunk_size``.
+
+        Returns:
+            UserStateStore: events must carry ``category_ids`` when the model has categories.
+        """
+        from torchrec_mamba.models.mamba4rec import CATEGORY_CANDIDATES, ITEM_CANDIDATES
+
+        cfg = model.config
+        if cfg.side_features:
+            raise ValueError("UserStateStore does not support models with side features yet")
+
+        def lookup(ids: Tensor) -> Tensor:
+            return model._lookup(ITEM_CANDIDATES, ids.long())  # (n, D) through the EC
+
+        def input_fn(item_ids: Tensor, category_ids: Tensor | None) -> Tensor:
+            x = lookup(item_ids)  # (B, D), as Mamba4Rec's tower: item (+ category) embedding
+            if cfg.num_categories > 0:
+                if category_ids is None:
+                    raise ValueError("this model has a category table: pass category_ids to update()")
+                x = x + model._lookup(CATEGORY_CANDIDATES, category_ids.long())
+            return x
+
+        items = ItemSource.from_lookup(lookup, cfg.num_items)
+        return cls(model.encoder, items, input_fn, **kwargs)
+
+    # --- bookkeeping ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._slot)
+
+    def __contains__(self, user_id: int) -> bool:
+        return int(user_id) in self._slot
+
+    @property
+    def user_ids(self) -> list[int]:
+        """Users held, in slot order."""
+        return list(self._slot)
+
+    def _grow(self, needed: int) -> None:
+        cap = self._repr.shape[0]
+        if needed <= cap:
+            return
+        new_cap = max(needed, 2 * cap)
+
+        def grown(t: Tensor) -> Tensor:
+            out = t.new_zeros((new_cap, *t.shape[1:]))
+            out[:cap] = t
+            return out
+
+        self._conv = [grown(t) for t in self._conv]
+        self._ssm = [grown(t) for t in self._ssm]
+        self._repr, self._count = grown(self._repr), grown(self._count)
+
+    def _slots(self, user_ids: Tensor, create: bool) -> Tensor:
+        """(B,) slot of each user; new users get fresh (empty-history) rows when ``create``."""
+        slots = []
+        for uid in user_ids.tolist():
+            slot = self._slot.get(uid)
+            if slot is None:
+                if not create:
+                    raise ValueError(f"unknown user id {uid}: no event was added for it")
+                slot = self._slot[uid] = len(self._slot)
+            slots.append(slot)
+        self._grow(len(self._slot))
+        return torch.tensor(slots, dtype=torch.long, device=self._repr.device)
+
+    # --- streaming -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def update(
+        self,
+        user_ids: Sequence[int] | Tensor,
+        item_ids: Sequence[int] | Tensor,
+        category_ids: Sequence[int] | Tensor | None = None,
+    ) -> None:
+        """Fold one new event into each listed user's state (one batched ``encoder.step``).
+
+        Args:
+            user_ids (Sequence[int] | Tensor): (B,) distinct user ids (any int64; new users start
+                from an empty history).
+            item_ids (Sequence[int] | Tensor): (B,) the event's item id per user, in ``1..I``.
+            category_ids (Sequence[int] | Tensor | None): (B,) category per event, for models
+                with a category table. Default: None.
+        """
+        users, items = _ids(user_ids, "user_ids"), _ids(item_ids, "item_ids")
+        if users.shape != items.shape:
+            raise ValueError(f"user_ids and item_ids differ in length: {users.numel()} vs {items.numel()}")
+        if users.numel() == 0:
+            return
+        if users.unique().numel() != users.numel():
+            dup = next(u for u in users.tolist() if (users == u).sum() > 1)
+            raise ValueError(f"user id {dup} appears twice in one update: one event per user per call")
+        bad = (items < 1) | (items > self.items.num_items)
+        if bool(bad.any()):
+            raise ValueError(f"item id {int(items[bad][0])} out of range [1, {self.items.num_items}]")
+        cats = None if category_ids is None else _ids(category_ids, "category_ids")
+        if cats is not None and cats.shape != users.shape:
+            raise ValueError(f"category_ids must have {users.numel()} entries, got {cats.numel()}")
+        device = self._repr.device
+        x = self.input_fn(items.to(device), None if cats is None else cats.to(device))  # (B, D)
+        slots = self._slots(users, create=True)  # (B,) after every check: nothing half-applied
+        state = [
+            MambaState(c.index_select(0, slots), s.index_select(0, slots))
+            for c, s in zip(self._conv, self._ssm, strict=True)
+        ]  # per layer (B, E, W), (B, E, N): private copies, stepped in place
+        y, state = self.encoder.step(x.to(self._repr.dtype), state)  # (B, D)
+        for layer, layer_state in enumerate(state):
+            self._conv[layer].index_copy_(0, slots, layer_state.conv_state)
+            self._ssm[layer].index_copy_(0, slots, layer_state.ssm_state)
+        self._repr.index_copy_(0, slots, y)
+        self._count.index_add_(0, slots, torch.ones_like(slots))
+
+    def forget(self, user_ids: Sequence[int] | Tensor) -> None:
+        """Reset users to an empty history (their rows are zeroed and kept)."""
+        slots = self._slots(_ids(user_ids, "user_ids"), create=False)
+        for t in (*self._conv, *self._ssm, self._repr, self._count):
+            t.index_fill_(0, slots, 0)
+
+    def num_events(self, user_ids: Sequence[int] | Tensor) -> Tensor:
+        """(B,) events folded into each user's state."""
+        return self._count[self._slots(_ids(user_ids, "user_ids"), create=False)].clone()
+
+    def user_vectors(self, user_ids: Sequence[int] | Tensor) -> Tensor:
+        """(B, D) current user representations (the encoder output after the latest event)."""
+        return self._repr[self._slots(_ids(user_ids, "user_ids"), create=False)].clone()
+
+    def state(self, user_id: int) -> list[tuple[Tensor, Tensor]]:
+        """Copies of one user's per-layer ``(conv_state (E, W), ssm_state (E, N))``."""
+        slot = int(self._slots(_ids([user_id], "user_ids"), create=False)[0])
+        return [(c[slot].clone(), s[slot].clone()) for c, s in zip(self._conv, self._ssm, strict=True)]
+
+    @torch.inference_mode()
+    def recommend(
+        self, user_ids: Sequence[int] | Tensor, k: int = 10, exclude: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Top-K items for each user from its current state (chunked: never (B, all items)).
+
+        Args:
+            user_ids (Sequence[int] | Tensor): (B,) known users.
+            k (int): items per user. Default: 10.
+            exclude (Tensor | None): (B, L) item ids not to recommend (0 = padding). Default: None.
+
+        Returns:
+            tuple[Tensor, Tensor]: item ids (B, K) int64 and scores (B, K), best first.
+        """
+        out = chunked_topk(self.user_vectors(user_ids), self.items, k, exclude=exclude,
+                           chunk_size=self.chunk_size)
+        return out.ids, out.scores
+
+    # --- persistence ---------------------------------------------------------------------------
+    def _meta(self) -> dict[str, int]:
+        return {
+            "d_model": int(self.encoder.d_model),
+            "num_layers": len(self._conv),
+            "conv_shape": list(self._conv[0].shape[1:]),
+            "ssm_shape": list(self._ssm[0].shape[1:]),
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write every user's state atomically, behind a sha256 checksum (:mod:`.state_file`)."""
+        n = len(self._slot)
+        payload = {
+            "format": _FORMAT,
+            "meta": self._meta(),
+            "user_ids": torch.tensor(list(self._slot), dtype=torch.long),
+            "conv": [t[:n].cpu() for t in self._conv],
+            "ssm": [t[:n].cpu() for t in self._ssm],
+            "repr": self._repr[:n].cpu(),
+            "count": self._count[:n].cpu(),
+        }
+        out = write_atomic(path, payload)
+        logger.info("saved %d user states to %s", n, out)
+        return out
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        encoder: nn.Module,
+        items: ItemSource | Tensor,
+        input_fn: InputFn | None = None,
+        **kwargs: Any,
+    ) -> UserStateStore:
+        """Read a :meth:`save` file (``weights_only``; truncated or corrupted files are refused).
+
+        Args:
+            path (str | os.PathLike): the file.
+            encoder, items, input_fn, **kwargs: as in the constructor; the encoder must have the
+                state shapes the file was saved with.
+
+        Returns:
+            UserStateStore: holding the saved users.
+
+        Raises:
+            StateFileError: missing, truncated, corrupted, foreign or mismatching file.
+        """
+        payload = read_checked(path)
+        store = cls(encoder, items, input_fn, **kwargs)
+        if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+            raise StateFileError(f"{path}: unknown state format {payload.get('format')!r}")
+        if payload["meta"] != store._meta():
+            raise StateFileError(
+                f"{path} holds states of shape {payload['meta']}, this encoder needs {store._meta()}"
+            )
+        users = payload["user_ids"].tolist()
+        store._grow(len(users))
+        store._slot = {u: i for i, u in enumerate(users)}
+        n, device = len(users), store._repr.device
+        for dst, src in zip((*store._conv, *store._ssm), (*payload["conv"], *payload["ssm"]), strict=True):
+            dst[:n] = src.to(device)
+        store._repr[:n] = payload["repr"].to(device)
+        store._count[:n] = payload["count"].to(device)
+        return store
