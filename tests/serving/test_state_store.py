@@ -165,3 +165,17 @@ def test_forget_resets_to_empty_history() -> None:
     fresh.update([1], [7])
     assert torch.equal(store.user_vectors([1]), fresh.user_vectors([1]))
     assert store.num_events([1, 2]).tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("num_categories", [0, NUM_CATS])
+def test_fast_table_lookup_equals_ec_lookup(num_categories: int) -> None:
+    from torchrec_mamba.serving.state_store import _table_lookup
+
+    model = _model(num_categories)
+    ids = torch.tensor([1, 5, 5, 40])
+    fast = _table_lookup(model, "item", "item_candidates")(ids)
+    assert torch.equal(fast, model._lookup("item_candidates", ids))
+    if num_categories:
+        cats = torch.tensor([1, 6, 2])
+        fast = _table_lookup(model, "category", "category_candidates")(cats)
+        assert torch.equal(fast, model._lookup("category_candidates", cats))
