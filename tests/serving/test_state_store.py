@@ -44,21 +44,31 @@ def _batch(histories: list[list[int]], with_categories: bool) -> SequenceBatch:
     return SequenceBatch(features=kjt, labels=kjt)
 
 
-def _stream(store: UserStateStore, histories: list[list[int]], users: list[int], cats: bool) -> None:
-    """Feed every history event by event, batching the users that still have an event."""
+def _stream(
+    store: UserStateStore, histories: list[list[int]], users: list[int], cats: bool,
+    scramble: bool = False,
+) -> None:
+    """Feed every history event by event, batching the users that still have an event.
+
+    ``scramble`` reverses the user order of every other call, so slots are not consecutive and
+    the gather / scatter path runs (otherwise the in-place path for consecutive slots does).
+    """
     for t in range(max(len(h) for h in histories)):
         active = [(u, h[t]) for u, h in zip(users, histories, strict=True) if t < len(h)]
+        if scramble and t % 2:
+            active = active[::-1]
         items = [i for _, i in active]
         store.update([u for u, _ in active], items, [_category_of(i) for i in items] if cats else None)
 
 
+@pytest.mark.parametrize("scramble", [False, True])
 @pytest.mark.parametrize("num_categories", [0, NUM_CATS])
-def test_streaming_equals_reencoding(num_categories: int) -> None:
+def test_streaming_equals_reencoding(num_categories: int, scramble: bool) -> None:
     model = _model(num_categories)
     histories = _histories()
     users = [101, 7, 5_000_000_000, 3, 42]  # any int64 ids
     store = UserStateStore.from_model(model, capacity=2)  # grows while streaming
-    _stream(store, histories, users, cats=num_categories > 0)
+    _stream(store, histories, users, cats=num_categories > 0, scramble=scramble)
     batch = _batch(histories, with_categories=num_categories > 0)
     with torch.no_grad():
         want_vec = model.user_representation(batch)  # (B, D) re-encoding the whole history
@@ -75,13 +85,18 @@ def test_one_users_update_never_changes_another() -> None:
     _stream(store, _histories(), [1, 2, 3, 4, 5], cats=False)
     before = {u: store.state(u) for u in (1, 3, 4, 5)}
     vec_before = store.user_vectors([1, 3, 4, 5])
-    store.update([2], [9])
-    store.update([2, 99], [10, 11])  # a new user too
+    store.update([2], [9])  # one slot: in place
+    store.update([2, 99], [10, 11])  # slots 1 and 5: gather / scatter, and a new user
     for u, layers in before.items():
         for (c0, s0), (c1, s1) in zip(layers, store.state(u), strict=True):
             assert torch.equal(c0, c1) and torch.equal(s0, s1)
     assert torch.equal(store.user_vectors([1, 3, 4, 5]), vec_before)
     assert store.num_events([2, 99]).tolist() == [len(_histories()[1]) + 2, 1]
+    before = {u: store.state(u) for u in (1, 4, 5)}
+    store.update([2, 3], [1, 2])  # consecutive slots 1, 2: rows stepped in place
+    for u, layers in before.items():
+        for (c0, s0), (c1, s1) in zip(layers, store.state(u), strict=True):
+            assert torch.equal(c0, c1) and torch.equal(s0, s1)
 
 
 def test_save_load_roundtrip(tmp_path: Path) -> None:

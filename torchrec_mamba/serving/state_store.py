@@ -8,7 +8,9 @@ layer a conv window (E, W) and an SSM state (E, N)) plus the current user repres
 the encoder output after the user's latest event. The store keeps them for every user in a few
 contiguous (capacity, ...) tensors; a batched :meth:`UserStateStore.update` gathers the rows of
 the users in the call (one ``index_select`` per tensor), runs one batched ``step`` and scatters
-the rows back (``index_copy_``). Rows of users outside the call are never read or written.
+the rows back (``index_copy_``); when the users of a call hold consecutive slots (users added
+together and updated together, the usual micro-batch), it steps those rows in place with no copy
+at all. Rows of users outside the call are never read or written.
 
 The encoder input of an event is produced by ``input_fn(item_ids, category_ids)``: by default
 the item embedding; :meth:`UserStateStore.from_model` builds the exact input of ``Mamba4Rec``'s
@@ -222,6 +224,18 @@ class UserStateStore:
         device = self._repr.device
         x = self.input_fn(items.to(device), None if cats is None else cats.to(device))  # (B, D)
         slots = self._slots(users, create=True)  # (B,) after every check: nothing half-applied
+        first, n = int(slots[0]), slots.numel()
+        if int(slots[-1]) - first == n - 1 and bool((slots.diff() == 1).all()):
+            rows = slice(first, first + n)  # consecutive slots: step the rows in place, no copies
+            state = [MambaState(c[rows], s[rows]) for c, s in zip(self._conv, self._ssm, strict=True)]
+            y, new_state = self.encoder.step(x.to(self._repr.dtype), state)  # (B, D)
+            for old, new in zip(state, new_state, strict=True):
+                for dst, src in zip(old, new, strict=True):
+                    if src.data_ptr() != dst.data_ptr():  # a step that returned fresh tensors
+                        dst.copy_(src)
+            self._repr[rows] = y
+            self._count[rows] += 1
+            return
         state = [
             MambaState(c.index_select(0, slots), s.index_select(0, slots))
             for c, s in zip(self._conv, self._ssm, strict=True)
