@@ -2,8 +2,10 @@
 
 For each history length L it fills a store with ``--users`` users of L events, then times
 
-* **stream**: one batched ``store.update(users, items)`` (gather states, EC lookup, one
-  ``encoder.step``, scatter back) folding one new event into every user;
+* **stream**: one batched ``store.update(users, items)`` folding one new event into every user
+  (table lookup, one ``encoder.step`` on the users' rows in place: they hold consecutive slots);
+* **shuffled users**: the same with the users in a random order, so the store gathers their
+  states, steps the copies and scatters them back;
 * **re-encode**: what a server without states does for the same new event: look up and encode
   the (users, L + 1) histories with ``Mamba4Rec.user_representation``.
 
@@ -11,7 +13,7 @@ events/s = users / median seconds of one call; the ratio is stream / re-encode, 
 latency of a single user's update (``store.update([u], [i])``) and, for the overhead of the store
 itself, a bare ``encoder.step`` on one pre-made state.
 
-Model: Mamba4Rec as in the paper (d_model 64, d_state 32, expand 2; ``--layers``, default 2),
+Model: Mamba4Rec as in the paper (d_model 64, d_state 32, expand 2; ``--layers``, default 1),
 ``--items`` items, the CPU scan kernel (backend "auto").
 
 Usage::
@@ -83,7 +85,9 @@ def one_length(model: Mamba4Rec, args: argparse.Namespace, length: int) -> dict[
     for t in range(length):  # fill the states by streaming (not timed)
         store.update(users, hist[:, t])
     new = hist[:, length]
-    stream_s = timed(lambda: store.update(users, new), args.repeats)
+    stream_s = timed(lambda: store.update(users, new), args.repeats)  # consecutive slots: in place
+    perm = torch.randperm(args.users, generator=g)
+    scattered_s = timed(lambda: store.update(users[perm], new[perm]), args.repeats)  # gather/scatter
     batch = batch_of(hist)
     with torch.inference_mode():
         reencode_s = timed(lambda: model.user_representation(batch), max(2, args.repeats // 5))
@@ -92,6 +96,8 @@ def one_length(model: Mamba4Rec, args: argparse.Namespace, length: int) -> dict[
         "stream_events_s": args.users / stream_s,
         "reencode_events_s": args.users / reencode_s,
         "speedup": reencode_s / stream_s,
+        "scattered_events_s": args.users / scattered_s,
+        "scattered_speedup": reencode_s / scattered_s,
         "stream_ms": stream_s * 1e3,
         "reencode_ms": reencode_s * 1e3,
     }
@@ -122,18 +128,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[50, 200, 1000])
     p.add_argument("--users", type=int, default=256)
     p.add_argument("--items", type=int, default=100_000)
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--layers", type=int, default=1, help="Mamba layers (default 1, as encoder_speed.py)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=20)
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = build(args)
     rows = []
-    print(f"{'L':>5} {'stream ev/s':>12} {'re-encode ev/s':>15} {'speedup':>8}")
+    print(f"{'L':>5} {'stream ev/s':>12} {'re-encode ev/s':>15} {'speedup':>8} "
+          f"{'shuffled-users ev/s':>20} {'speedup':>8}")
     for length in args.lengths:
         row = one_length(model, args, length)
         rows.append(row)
         print(f"{length:>5} {row['stream_events_s']:>12.0f} {row['reencode_events_s']:>15.0f} "
-              f"{row['speedup']:>7.0f}x", flush=True)
+              f"{row['speedup']:>7.0f}x {row['scattered_events_s']:>20.0f} "
+              f"{row['scattered_speedup']:>7.0f}x", flush=True)
     single = single_user(model, args)
     print(f"single-user update {single['single_user_update_us']:.0f} us (bare encoder.step at B=1 "
           f"{single['bare_step_b1_us']:.0f} us; at B={args.users}: "

@@ -177,10 +177,10 @@ class UserStateStore:
         self._ssm = [grown(t) for t in self._ssm]
         self._repr, self._count = grown(self._repr), grown(self._count)
 
-    def _slots(self, user_ids: Tensor, create: bool) -> Tensor:
-        """(B,) slot of each user; new users get fresh (empty-history) rows when ``create``."""
+    def _slot_list(self, user_ids: list[int], create: bool) -> list[int]:
+        """Slot of each user; new users get fresh (empty-history) rows when ``create``."""
         slots = []
-        for uid in user_ids.tolist():
+        for uid in user_ids:
             slot = self._slot.get(uid)
             if slot is None:
                 if not create:
@@ -188,6 +188,11 @@ class UserStateStore:
                 slot = self._slot[uid] = len(self._slot)
             slots.append(slot)
         self._grow(len(self._slot))
+        return slots
+
+    def _slots(self, user_ids: Tensor, create: bool) -> Tensor:
+        """(B,) slots as a tensor (see :meth:`_slot_list`)."""
+        slots = self._slot_list(user_ids.tolist(), create)
         return torch.tensor(slots, dtype=torch.long, device=self._repr.device)
 
     # --- streaming -----------------------------------------------------------------------------
@@ -207,25 +212,31 @@ class UserStateStore:
             category_ids (Sequence[int] | Tensor | None): (B,) category per event, for models
                 with a category table. Default: None.
         """
-        users, items = _ids(user_ids, "user_ids"), _ids(item_ids, "item_ids")
-        if users.shape != items.shape:
-            raise ValueError(f"user_ids and item_ids differ in length: {users.numel()} vs {items.numel()}")
-        if users.numel() == 0:
+        # Checks run on Python lists: for the few users of a serving call, a handful of tensor
+        # ops here would cost more than the step itself.
+        users, items = _ids(user_ids, "user_ids").tolist(), _ids(item_ids, "item_ids")
+        if len(users) != items.numel():
+            raise ValueError(f"user_ids and item_ids differ in length: {len(users)} vs {items.numel()}")
+        if not users:
             return
-        if users.unique().numel() != users.numel():
-            dup = next(u for u in users.tolist() if (users == u).sum() > 1)
+        if len(set(users)) != len(users):
+            dup = next(u for u in users if users.count(u) > 1)
             raise ValueError(f"user id {dup} appears twice in one update: one event per user per call")
-        bad = (items < 1) | (items > self.items.num_items)
-        if bool(bad.any()):
-            raise ValueError(f"item id {int(items[bad][0])} out of range [1, {self.items.num_items}]")
+        if len(users) <= 64:
+            item_list = items.tolist()
+            lo, hi = min(item_list), max(item_list)
+        else:
+            lo, hi = int(items.min()), int(items.max())
+        if lo < 1 or hi > self.items.num_items:
+            raise ValueError(f"item id {lo if lo < 1 else hi} out of range [1, {self.items.num_items}]")
         cats = None if category_ids is None else _ids(category_ids, "category_ids")
-        if cats is not None and cats.shape != users.shape:
-            raise ValueError(f"category_ids must have {users.numel()} entries, got {cats.numel()}")
+        if cats is not None and cats.numel() != len(users):
+            raise ValueError(f"category_ids must have {len(users)} entries, got {cats.numel()}")
         device = self._repr.device
         x = self.input_fn(items.to(device), None if cats is None else cats.to(device))  # (B, D)
-        slots = self._slots(users, create=True)  # (B,) after every check: nothing half-applied
-        first, n = int(slots[0]), slots.numel()
-        if int(slots[-1]) - first == n - 1 and bool((slots.diff() == 1).all()):
+        slot_list = self._slot_list(users, create=True)  # after every check: nothing half-applied
+        first, n = slot_list[0], len(slot_list)
+        if slot_list == list(range(first, first + n)):
             rows = slice(first, first + n)  # consecutive slots: step the rows in place, no copies
             state = [MambaState(c[rows], s[rows]) for c, s in zip(self._conv, self._ssm, strict=True)]
             y, new_state = self.encoder.step(x.to(self._repr.dtype), state)  # (B, D)
@@ -236,6 +247,7 @@ class UserStateStore:
             self._repr[rows] = y
             self._count[rows] += 1
             return
+        slots = torch.tensor(slot_list, dtype=torch.long, device=device)  # (B,)
         state = [
             MambaState(c.index_select(0, slots), s.index_select(0, slots))
             for c, s in zip(self._conv, self._ssm, strict=True)
