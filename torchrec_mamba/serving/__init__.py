@@ -21,7 +21,7 @@ _LAZY = {
     "StateFileError": "torchrec_mamba.serving.state_store",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = ["ChunkedTopK", "ItemSource", "StateFileError", "UserStateStore", "chunked_topk"]
 
 if TYPE_CHECKING:
     from torchrec_mamba.serving.state_store import StateFileError, UserStateStore

@@ -24,14 +24,18 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from torchrec_mamba.modules.encoder import MambaSequenceEncoder
 from torchrec_mamba.modules.mamba_block import MambaState
 from torchrec_mamba.serving.state_file import StateFileError, read_checked, write_atomic
 from torchrec_mamba.serving.topk import ItemSource, chunked_topk
+
+if TYPE_CHECKING:
+    from torchrec_mamba.models.mamba4rec import Mamba4Rec
 
 __all__ = ["StateFileError", "UserStateStore"]
 
@@ -48,7 +52,7 @@ def _ids(values: Sequence[int] | Tensor, name: str) -> Tensor:
     return t.long()
 
 
-def _table_lookup(model: nn.Module, table: str, key: str) -> Callable[[Tensor], Tensor]:
+def _table_lookup(model: Mamba4Rec, table: str, key: str) -> Callable[[Tensor], Tensor]:
     """``ids (n,) -> (n, D)`` rows of one of the model's tables.
 
     An unsharded ``EmbeddingCollection`` is read with one ``index_select`` (a KJT round trip
@@ -58,7 +62,7 @@ def _table_lookup(model: nn.Module, table: str, key: str) -> Callable[[Tensor], 
     from torchrec.modules.embedding_modules import EmbeddingCollection
 
     if type(model.ec) is EmbeddingCollection:
-        weight = model.ec.embeddings[table].weight  # (rows, D)
+        weight: Tensor = model.ec.embeddings[table].weight  # (rows, D)
         return lambda ids: weight.index_select(0, ids.to(weight.device).long())
     return lambda ids: model._lookup(key, ids.long())
 
@@ -69,7 +73,7 @@ class UserStateStore:
     The encoder is switched to eval mode (streaming equals re-encoding only without dropout).
 
     Args:
-        encoder (nn.Module): a ``MambaSequenceEncoder`` (``allocate_state`` / ``step``).
+        encoder (MambaSequenceEncoder): the encoder (``allocate_state`` / ``step``).
         items (ItemSource | Tensor): the catalogue for :meth:`recommend` and the default input;
             a tensor is an ``(I + 1, D)`` table (row 0 padding).
         input_fn (Callable | None): ``(item_ids (B,), category_ids (B,) | None) -> (B, D)`` encoder
@@ -93,7 +97,7 @@ class UserStateStore:
 
     def __init__(
         self,
-        encoder: nn.Module,
+        encoder: MambaSequenceEncoder,
         items: ItemSource | Tensor,
         input_fn: InputFn | None = None,
         *,
@@ -118,7 +122,7 @@ class UserStateStore:
         self._count = torch.zeros(capacity, dtype=torch.long, device=param.device)
 
     @classmethod
-    def from_model(cls, model: nn.Module, **kwargs: Any) -> UserStateStore:
+    def from_model(cls, model: Mamba4Rec, **kwargs: Any) -> UserStateStore:
         """A store serving a (possibly sharded) ``Mamba4Rec``: its encoder, tables and input.
 
         Args:
@@ -148,6 +152,10 @@ class UserStateStore:
             return x
 
         items = ItemSource.from_lookup(lookup, cfg.num_items)
+        if not isinstance(model.encoder, MambaSequenceEncoder):
+            raise TypeError(
+                f"streaming needs a MambaSequenceEncoder, the model has {type(model.encoder).__name__}"
+            )
         return cls(model.encoder, items, input_fn, **kwargs)
 
     # --- bookkeeping ---------------------------------------------------------------------------
@@ -313,7 +321,7 @@ class UserStateStore:
         return out.ids, out.scores
 
     # --- persistence ---------------------------------------------------------------------------
-    def _meta(self) -> dict[str, int]:
+    def _meta(self) -> dict[str, Any]:
         return {
             "d_model": int(self.encoder.d_model),
             "num_layers": len(self._conv),
@@ -341,7 +349,7 @@ class UserStateStore:
     def load(
         cls,
         path: str | os.PathLike[str],
-        encoder: nn.Module,
+        encoder: MambaSequenceEncoder,
         items: ItemSource | Tensor,
         input_fn: InputFn | None = None,
         **kwargs: Any,

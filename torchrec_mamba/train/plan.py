@@ -84,7 +84,7 @@ class FleetPlan:
 
     def text(self) -> str:
         """Human-readable plan: tables, sharding per table, per-device memory, totals."""
-        lines = [f"tables: " + ", ".join(f"{n} {r:,} x {d}" for n, (r, d) in self.tables.items())]
+        lines = ["tables: " + ", ".join(f"{n} {r:,} x {d}" for n, (r, d) in self.tables.items())]
         lines += [f"  {n}: {kind}" for n, kind in self.sharding.items()]
         lines.append(
             f"{'rank':>5} {'weights GiB':>12} {'optim GiB':>10} {'total GiB':>10} "
@@ -190,11 +190,15 @@ def plan_fleet(
     """
     from torch.distributed.optim import _apply_optimizer_in_backward
     from torchrec.distributed.embedding import EmbeddingCollectionSharder
-    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-    from torchrec.distributed.planner.types import PlannerError
+    from torchrec.distributed.planner import (
+        EmbeddingShardingPlanner,
+        ParameterConstraints,
+        Topology,
+    )
     from torchrec.distributed.planner.storage_reservations import (
         FixedPercentageStorageReservation,
     )
+    from torchrec.distributed.planner.types import PlannerError
 
     for name, value in (("num_items", num_items), ("dim", dim), ("gpus", gpus),
                         ("gpus_per_node", gpus_per_node), ("batch_size", batch_size)):
@@ -243,7 +247,10 @@ def _fleet(plan, planner, gpus, per_weight, optimizer, cap, dim, tables) -> Flee
         for table, ps in module_plan.items():
             kinds[table] = f"{ps.sharding_type} ({ps.compute_kernel}), {len(ps.ranks or [])} ranks"
             for shard in ps.sharding_spec.shards:
-                rank = int(re.match(r"rank:(\d+)", str(shard.placement)).group(1))
+                found = re.match(r"rank:(\d+)", str(shard.placement))
+                if found is None:
+                    raise ValueError(f"unexpected shard placement {shard.placement!r}")
+                rank = int(found.group(1))
                 rows, cols = shard.shard_sizes
                 weights[rank] += rows * cols * 4  # fp32 tables
                 optim[rank] += rows * 4 if per_weight < 0 else int(rows * cols * 4 * per_weight)
