@@ -2,6 +2,7 @@
 
 * :func:`chunked_topk` / :class:`ItemSource` (:mod:`.topk`): top-K items and target ranks, one
   chunk of the item table at a time (never a (B, all items) matrix).
+* :func:`evaluate_chunked` (:mod:`.evaluate`): ``train.loop.evaluate`` with chunked scoring.
 * :class:`UserStateStore` (:mod:`.state_store`): each user's per-layer recurrent state, updated
   in O(1) per event through ``MambaSequenceEncoder.step``; atomic, checksummed save / load.
 
@@ -19,11 +20,22 @@ _LAZY = {
     "chunked_topk": "torchrec_mamba.serving.topk",
     "UserStateStore": "torchrec_mamba.serving.state_store",
     "StateFileError": "torchrec_mamba.serving.state_store",
+    "evaluate_chunked": "torchrec_mamba.serving.evaluate",
+    "item_source": "torchrec_mamba.serving.evaluate",
 }
 
-__all__ = ["ChunkedTopK", "ItemSource", "StateFileError", "UserStateStore", "chunked_topk"]
+__all__ = [
+    "ChunkedTopK",
+    "ItemSource",
+    "StateFileError",
+    "UserStateStore",
+    "chunked_topk",
+    "evaluate_chunked",
+    "item_source",
+]
 
 if TYPE_CHECKING:
+    from torchrec_mamba.serving.evaluate import evaluate_chunked, item_source
     from torchrec_mamba.serving.state_store import StateFileError, UserStateStore
     from torchrec_mamba.serving.topk import ChunkedTopK, ItemSource, chunked_topk
 
