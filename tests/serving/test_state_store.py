@@ -184,7 +184,7 @@ def test_forget_resets_to_empty_history() -> None:
 
 @pytest.mark.parametrize("num_categories", [0, NUM_CATS])
 def test_fast_table_lookup_equals_ec_lookup(num_categories: int) -> None:
-    from torchrec_mamba.serving.state_store import _table_lookup
+    from torchrec_mamba.serving.tables import table_lookup as _table_lookup
 
     model = _model(num_categories)
     ids = torch.tensor([1, 5, 5, 40])
@@ -194,3 +194,47 @@ def test_fast_table_lookup_equals_ec_lookup(num_categories: int) -> None:
         cats = torch.tensor([1, 6, 2])
         fast = _table_lookup(model, "category", "category_candidates")(cats)
         assert torch.equal(fast, model._lookup("category_candidates", cats))
+
+
+@pytest.mark.parametrize("num_categories", [0, NUM_CATS])
+def test_ingest_then_stream_equals_reencoding(num_categories: int) -> None:
+    model = _model(num_categories)
+    histories = _histories()
+    users = [5, 6, 7, 8, 9]
+    cut = [len(h) // 2 for h in histories]  # the first history is cut to length 0 (a cold user)
+    cats = num_categories > 0
+    store = UserStateStore.from_model(model)
+    prefix = [h[:c] for h, c in zip(histories, cut, strict=True)]
+    store.ingest(users, prefix, [[_category_of(i) for i in h] for h in prefix] if cats else None)
+    assert store.num_events(users).tolist() == cut
+    rest = [h[c:] for h, c in zip(histories, cut, strict=True)]
+    _stream(store, rest, users, cats=cats, scramble=True)
+    with torch.no_grad():
+        want = model.user_representation(_batch(histories, with_categories=cats))
+    torch.testing.assert_close(store.user_vectors(users), want, rtol=1e-4, atol=1e-5)
+
+
+def test_ingest_bad_input() -> None:
+    store = UserStateStore.from_model(_model())
+    with pytest.raises(ValueError, match="distinct user ids and one history each"):
+        store.ingest([1, 1], [[1], [2]])
+    with pytest.raises(ValueError, match="distinct user ids and one history each"):
+        store.ingest([1, 2], [[1]])
+    with pytest.raises(ValueError, match=r"item id 99 out of range \[1, 40\]"):
+        store.ingest([1], [[3, 99]])
+    assert len(store) == 0
+
+
+def test_from_model_refuses_what_it_cannot_stream() -> None:
+    from torchrec_mamba.models.mamba4rec import SideFeature
+    from torchrec_mamba.models.sasrec import SASRecEncoder
+
+    enc = MambaSequenceEncoder(d_model=DIM, d_state=4, backend="reference")
+    cfg = Mamba4RecConfig(num_items=NUM_ITEMS, embedding_dim=DIM,
+                          side_features=(SideFeature("user", 10),))
+    with pytest.raises(ValueError, match="side features"):
+        UserStateStore.from_model(Mamba4Rec(cfg, enc))
+    sasrec = Mamba4Rec(Mamba4RecConfig(num_items=NUM_ITEMS, embedding_dim=DIM),
+                       SASRecEncoder(d_model=DIM, max_len=8))
+    with pytest.raises(TypeError, match="needs a MambaSequenceEncoder"):
+        UserStateStore.from_model(sasrec)

@@ -21,7 +21,7 @@ _LAZY = {
     "UserStateStore": "torchrec_mamba.serving.state_store",
     "StateFileError": "torchrec_mamba.serving.state_store",
     "evaluate_chunked": "torchrec_mamba.serving.evaluate",
-    "item_source": "torchrec_mamba.serving.evaluate",
+    "item_source": "torchrec_mamba.serving.tables",
 }
 
 __all__ = [
@@ -35,8 +35,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from torchrec_mamba.serving.evaluate import evaluate_chunked, item_source
+    from torchrec_mamba.serving.evaluate import evaluate_chunked
     from torchrec_mamba.serving.state_store import StateFileError, UserStateStore
+    from torchrec_mamba.serving.tables import item_source
     from torchrec_mamba.serving.topk import ChunkedTopK, ItemSource, chunked_topk
 
 

@@ -13,38 +13,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from torchrec_mamba.serving.topk import ItemSource, chunked_topk
+from torchrec_mamba.serving.tables import item_source
+from torchrec_mamba.serving.topk import chunked_topk
 from torchrec_mamba.train.metrics import RankingMetrics
 
 if TYPE_CHECKING:
     from torchrec_mamba.data.loader import SequenceLoader
-    from torchrec_mamba.models.mamba4rec import Mamba4Rec
     from torchrec_mamba.train.distributed import DistributedContext
 
-__all__ = ["evaluate_chunked", "item_source"]
-
-
-def item_source(model: Mamba4Rec) -> ItemSource:
-    """The model's items ``1..I`` as an :class:`ItemSource` (direct rows, or the EC when sharded).
-
-    Example::
-
-        >>> from torchrec_mamba.models import Mamba4Rec, Mamba4RecConfig
-        >>> from torchrec_mamba.modules import MambaSequenceEncoder
-        >>> enc = MambaSequenceEncoder(d_model=8, d_state=4, backend="reference")
-        >>> model = Mamba4Rec(Mamba4RecConfig(num_items=5, embedding_dim=8), enc)
-        >>> src = item_source(model)
-        >>> torch.equal(torch.cat([e for _, e in src.chunks(2)]), model.item_embeddings())
-        True
-    """
-    from torchrec.modules.embedding_modules import EmbeddingCollection
-
-    from torchrec_mamba.models.mamba4rec import ITEM, ITEM_CANDIDATES
-
-    num_items = model.config.num_items
-    if type(model.ec) is EmbeddingCollection:  # unsharded: slice the weight, no KJT round trip
-        return ItemSource.from_table(model.ec.embeddings[ITEM].weight.detach())
-    return ItemSource.from_lookup(lambda ids: model._lookup(ITEM_CANDIDATES, ids), num_items)
+__all__ = ["evaluate_chunked", "item_source"]  # item_source re-exported from .tables
 
 
 @torch.no_grad()

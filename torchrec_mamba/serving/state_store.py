@@ -32,6 +32,7 @@ from torch import Tensor
 from torchrec_mamba.modules.encoder import MambaSequenceEncoder
 from torchrec_mamba.modules.mamba_block import MambaState
 from torchrec_mamba.serving.state_file import StateFileError, read_checked, write_atomic
+from torchrec_mamba.serving.tables import item_source, table_lookup
 from torchrec_mamba.serving.topk import ItemSource, chunked_topk
 
 if TYPE_CHECKING:
@@ -50,21 +51,6 @@ def _ids(values: Sequence[int] | Tensor, name: str) -> Tensor:
     if t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
         raise ValueError(f"{name} must be a 1-D sequence of ints, got {t.dtype} shape {tuple(t.shape)}")
     return t.long()
-
-
-def _table_lookup(model: Mamba4Rec, table: str, key: str) -> Callable[[Tensor], Tensor]:
-    """``ids (n,) -> (n, D)`` rows of one of the model's tables.
-
-    An unsharded ``EmbeddingCollection`` is read with one ``index_select`` (a KJT round trip
-    through the EC costs ~100x more for a single event); a sharded one (DMP) through the EC, so
-    every rank's rows are reachable.
-    """
-    from torchrec.modules.embedding_modules import EmbeddingCollection
-
-    if type(model.ec) is EmbeddingCollection:
-        weight: Tensor = model.ec.embeddings[table].weight  # (rows, D)
-        return lambda ids: weight.index_select(0, ids.to(weight.device).long())
-    return lambda ids: model._lookup(key, ids.long())
 
 
 class UserStateStore:
@@ -138,9 +124,9 @@ class UserStateStore:
         if cfg.side_features:
             raise ValueError("UserStateStore does not support models with side features yet")
 
-        lookup = _table_lookup(model, "item", ITEM_CANDIDATES)
+        lookup = table_lookup(model, "item", ITEM_CANDIDATES)
         category_lookup = (
-            _table_lookup(model, "category", CATEGORY_CANDIDATES) if cfg.num_categories else None
+            table_lookup(model, "category", CATEGORY_CANDIDATES) if cfg.num_categories else None
         )
 
         def input_fn(item_ids: Tensor, category_ids: Tensor | None) -> Tensor:
@@ -151,7 +137,7 @@ class UserStateStore:
                 x = x + category_lookup(category_ids)
             return x
 
-        items = ItemSource.from_lookup(lookup, cfg.num_items)
+        items = item_source(model)  # chunks slice the weight directly when unsharded
         if not isinstance(model.encoder, MambaSequenceEncoder):
             raise TypeError(
                 f"streaming needs a MambaSequenceEncoder, the model has {type(model.encoder).__name__}"
@@ -282,6 +268,56 @@ class UserStateStore:
             torch.index_select(s.view(s.shape[0], -1), 0, slots, out=ssm.view(n, -1))
             state.append(MambaState(conv, ssm))
         return state
+
+    @torch.inference_mode()
+    def ingest(
+        self,
+        user_ids: Sequence[int] | Tensor,
+        histories: Sequence[Sequence[int]],
+        category_histories: Sequence[Sequence[int]] | None = None,
+    ) -> None:
+        """Set users' states from whole histories in one batched forward pass (a warm start).
+
+        Replaces whatever the users had; afterwards :meth:`update` continues exactly as if the
+        histories had been streamed event by event.
+
+        Args:
+            user_ids (Sequence[int] | Tensor): (B,) distinct user ids.
+            histories (Sequence[Sequence[int]]): B item-id lists, oldest first (may be empty).
+            category_histories (Sequence[Sequence[int]] | None): the matching category ids, for
+                models with a category table. Default: None.
+        """
+        users = _ids(user_ids, "user_ids").tolist()
+        if len(histories) != len(users) or len(set(users)) != len(users):
+            raise ValueError(
+                f"ingest needs distinct user ids and one history each, got {len(users)} users "
+                f"({len(set(users))} distinct) and {len(histories)} histories"
+            )
+        if not users:
+            return
+        lengths = torch.tensor([len(h) for h in histories], dtype=torch.long)  # (B,)
+        flat = torch.tensor([i for h in histories for i in h], dtype=torch.long)  # (T,)
+        if flat.numel() and (int(flat.min()) < 1 or int(flat.max()) > self.items.num_items):
+            bad = int(flat.min()) if int(flat.min()) < 1 else int(flat.max())
+            raise ValueError(f"item id {bad} out of range [1, {self.items.num_items}]")
+        cats = None
+        if category_histories is not None:
+            cats = torch.tensor([c for h in category_histories for c in h], dtype=torch.long)
+            if cats.shape != flat.shape:
+                raise ValueError("category_histories must match histories id for id")
+        device, n = self._repr.device, len(users)
+        x = self.input_fn(flat.to(device), None if cats is None else cats.to(device))  # (T, D)
+        width = max(int(lengths.max()), 1)
+        padded = x.new_zeros(n, width, x.shape[-1])  # (B, L, D)
+        padded[torch.arange(width)[None, :] < lengths[:, None]] = x.to(padded.dtype)
+        out, states = self.encoder(padded, lengths.to(device), return_state=True)  # (B, L, D)
+        last = out[torch.arange(n), (lengths - 1).clamp(min=0)] * (lengths > 0)[:, None]  # (B, D)
+        slots = torch.tensor(self._slot_list(users, create=True), dtype=torch.long, device=device)
+        for full, layer_state in zip(zip(self._conv, self._ssm, strict=True), states, strict=True):
+            for dst, src in zip(full, layer_state, strict=True):
+                dst.view(dst.shape[0], -1).index_copy_(0, slots, src.to(dst.dtype).reshape(n, -1))
+        self._repr.index_copy_(0, slots, last.to(self._repr.dtype))
+        self._count.index_copy_(0, slots, lengths.to(device))
 
     def forget(self, user_ids: Sequence[int] | Tensor) -> None:
         """Reset users to an empty history (their rows are zeroed and kept)."""
