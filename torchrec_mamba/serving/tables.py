@@ -40,6 +40,7 @@ def item_source(model: Mamba4Rec) -> ItemSource:
 
     Example::
 
+        >>> import torch
         >>> from torchrec_mamba.models import Mamba4Rec, Mamba4RecConfig
         >>> from torchrec_mamba.modules import MambaSequenceEncoder
         >>> enc = MambaSequenceEncoder(d_model=8, d_state=4, backend="reference")
