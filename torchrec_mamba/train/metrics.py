@@ -31,7 +31,14 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-__all__ = ["target_ranks", "metrics_from_ranks", "ranking_metrics", "RankingMetrics", "Ties"]
+__all__ = [
+    "RankingMetrics",
+    "Ties",
+    "combine_ties",
+    "metrics_from_ranks",
+    "ranking_metrics",
+    "target_ranks",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -131,10 +138,34 @@ def target_ranks(
     if ties not in _TIES:
         raise ValueError(f"ties must be one of {_TIES}, got {ties!r}")
     above, tied, nan = _rank_parts(scores, targets, history, mask_seen)
-    return _combine(above, tied, nan, ties)
+    return combine_ties(above, tied, nan, ties)
 
 
-def _combine(above: torch.Tensor, tied: torch.Tensor, nan: torch.Tensor, ties: str) -> torch.Tensor:
+def combine_ties(
+    above: torch.Tensor, tied: torch.Tensor, nan: torch.Tensor, ties: Ties = "optimistic"
+) -> torch.Tensor:
+    """0-based ranks from the counts of items above / tied with the target, under a tie rule.
+
+    The counts come from a full score matrix (:func:`target_ranks`) or from a chunked pass over
+    the catalogue (:func:`torchrec_mamba.serving.chunked_topk`).
+
+    Args:
+        above (torch.Tensor): (B,) items scoring strictly above the target.
+        tied (torch.Tensor): (B,) other items scoring equal to the target.
+        nan (torch.Tensor): (B,) bool, the target score is NaN.
+        ties (str): ``"optimistic"``, ``"pessimistic"`` or ``"average"``. Default: ``"optimistic"``.
+
+    Example::
+
+        >>> combine_ties(torch.tensor([2, 0]), torch.tensor([1, 0]), torch.tensor([False, True]),
+        ...              ties="average").tolist()
+        [2.5, inf]
+
+    Returns:
+        torch.Tensor: (B,) float64 ranks, ``inf`` where ``nan``.
+    """
+    if ties not in _TIES:
+        raise ValueError(f"ties must be one of {_TIES}, got {ties!r}")
     rank = above.double()  # (B,)
     if ties == "pessimistic":
         rank = rank + tied
@@ -275,7 +306,53 @@ class RankingMetrics:
                 Default: None (all rows count).
         """
         above, tied, nan = _rank_parts(scores, targets, history, self.mask_seen)
-        ranks = _combine(above, tied, nan, self.ties)  # (B,)
+        device = self.device if self.device is not None else scores.device
+        self._add(above, tied, nan, mask, device)
+
+    @torch.no_grad()
+    def update_counts(
+        self,
+        above: torch.Tensor,
+        tied: torch.Tensor,
+        nan: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> None:
+        """Add one batch from rank counts instead of scores (the chunked evaluation path).
+
+        ``mask_seen`` is then the producer's business: pass the history as ``exclude`` to
+        :func:`torchrec_mamba.serving.chunked_topk`, whose ``above`` / ``tied`` / ``nan`` this
+        takes. The result equals :meth:`update` on the full score matrix.
+
+        Args:
+            above (torch.Tensor): (B,) items scoring strictly above the target.
+            tied (torch.Tensor): (B,) other items tied with the target.
+            nan (torch.Tensor): (B,) bool, NaN target score.
+            mask (torch.Tensor | None): (B,) bool, False rows are skipped. Default: None.
+
+        Example::
+
+            >>> m = RankingMetrics(ks=(1,))
+            >>> m.update_counts(torch.tensor([0, 3]), torch.tensor([0, 0]), torch.tensor([False, False]))
+            >>> m.compute()["hr@1"]
+            0.5
+        """
+        if above.dim() != 1 or tied.shape != above.shape or nan.shape != above.shape:
+            raise ValueError(
+                "above, tied and nan must be (B,) tensors of one shape, got "
+                f"{tuple(above.shape)}, {tuple(tied.shape)}, {tuple(nan.shape)}"
+            )
+        device = self.device if self.device is not None else above.device
+        self._add(above, tied, nan.bool(), mask, device)
+
+    def _add(
+        self,
+        above: torch.Tensor,
+        tied: torch.Tensor,
+        nan: torch.Tensor,
+        mask: torch.Tensor | None,
+        device: torch.device,
+    ) -> None:
+        ranks = combine_ties(above, tied, nan, self.ties)  # (B,)
         weight = torch.ones_like(ranks)  # (B,)
         if mask is not None:
             if mask.shape != ranks.shape:
@@ -288,7 +365,6 @@ class RankingMetrics:
             [per_row[k] for k in self.keys]
             + [torch.ones_like(ranks), (tied > 0).double(), nan.double()]
         )  # (len(keys) + 3, B)
-        device = self.device if self.device is not None else scores.device
         buf = self._buffer(device)
         buf += (rows * weight).sum(1).to(buf.device)
 

@@ -1,0 +1,53 @@
+"""Serving: chunked top-K over a catalogue of any size, and streaming per-user Mamba states.
+
+* :func:`chunked_topk` / :class:`ItemSource` (:mod:`.topk`): top-K items and target ranks, one
+  chunk of the item table at a time (never a (B, all items) matrix).
+* :func:`evaluate_chunked` (:mod:`.evaluate`): ``train.loop.evaluate`` with chunked scoring.
+* :class:`UserStateStore` (:mod:`.state_store`): each user's per-layer recurrent state, updated
+  in O(1) per event through ``MambaSequenceEncoder.step``; atomic, checksummed save / load.
+
+Names load on first access.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_LAZY = {
+    "ChunkedTopK": "torchrec_mamba.serving.topk",
+    "ItemSource": "torchrec_mamba.serving.topk",
+    "chunked_topk": "torchrec_mamba.serving.topk",
+    "UserStateStore": "torchrec_mamba.serving.state_store",
+    "StateFileError": "torchrec_mamba.serving.state_store",
+    "evaluate_chunked": "torchrec_mamba.serving.evaluate",
+    "item_source": "torchrec_mamba.serving.tables",
+}
+
+__all__ = [
+    "ChunkedTopK",
+    "ItemSource",
+    "StateFileError",
+    "UserStateStore",
+    "chunked_topk",
+    "evaluate_chunked",
+    "item_source",
+]
+
+if TYPE_CHECKING:
+    from torchrec_mamba.serving.evaluate import evaluate_chunked
+    from torchrec_mamba.serving.state_store import StateFileError, UserStateStore
+    from torchrec_mamba.serving.tables import item_source
+    from torchrec_mamba.serving.topk import ChunkedTopK, ItemSource, chunked_topk
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'torchrec_mamba.serving' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
