@@ -210,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import torch
 
     from torchrec_mamba.data import SequenceLoader, windows_from_sequences
-    from torchrec_mamba.train.config import DataInfo, build_model
+    from torchrec_mamba.train.config import DataInfo, build_model, targets_per_row
     from torchrec_mamba.train.distributed import (
         EmbeddingOptimizerConfig,
         build_optimizer,
@@ -250,7 +250,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for kind in models:
         t0 = time.perf_counter()
         torch.manual_seed(args.seed)
-        model = build_model(run_config(kind, args), DataInfo(num_items=num_items), ctx.device,
+        info = DataInfo(num_items=num_items, targets_per_row=targets_per_row(np.diff(train.offsets) - 1))
+        model = build_model(run_config(kind, args), info, ctx.device,
                             item_counts=torch.from_numpy(counts).float())
         optimizer = build_optimizer(model, args.lr, 0.0, EmbeddingOptimizerConfig("adam", lr=args.lr))
         res = fit(model, optimizer, loaders["train"], loaders["valid"], loaders["test"],

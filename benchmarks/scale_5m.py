@@ -45,10 +45,9 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
 
 from torchrec_mamba.data.loader import SequenceLoader  # noqa: E402
 from torchrec_mamba.data.split import windows_from_sequences  # noqa: E402
-from torchrec_mamba.models.heads import SampledSoftmaxConfig  # noqa: E402
-from torchrec_mamba.models.mamba4rec import ITEM_CANDIDATES, Mamba4Rec, Mamba4RecConfig  # noqa: E402
-from torchrec_mamba.modules import MambaSequenceEncoder  # noqa: E402
+from torchrec_mamba.models.mamba4rec import ITEM_CANDIDATES  # noqa: E402
 from torchrec_mamba.serving.topk import ItemSource, chunked_topk  # noqa: E402
+from torchrec_mamba.train.config import DataInfo, RunConfig, build_model, targets_per_row  # noqa: E402
 from torchrec_mamba.train.distributed import (  # noqa: E402
     EmbeddingOptimizerConfig,
     build_optimizer,
@@ -56,6 +55,7 @@ from torchrec_mamba.train.distributed import (  # noqa: E402
     init_distributed,
     shard_model,
 )
+from torchrec_mamba.train.loop import train_one_epoch  # noqa: E402
 from torchrec_mamba.train.metrics import RankingMetrics  # noqa: E402
 
 
@@ -82,33 +82,40 @@ def table_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def train(model: Any, optimizer: Any, loader: SequenceLoader, args: argparse.Namespace) -> dict[str, float]:
-    """Time-bounded plain loop; rank 0's clock decides the stop for both ranks."""
-    inner = model.module
-    model.train()
-    steps, rows, t0, stop = 0, 0, time.perf_counter(), torch.zeros(1)
+class _TimeUp(Exception):
+    """Raised from the batch hook when rank 0's clock says the training time is over."""
+
+
+def train(model: Any, optimizer: Any, loader: SequenceLoader, args: argparse.Namespace,
+          ctx: Any) -> dict[str, float]:
+    """Time-bounded training through the library's ``train_one_epoch`` (sparse-dist pipeline);
+    rank 0's clock decides the stop for both ranks (checked after every step)."""
+    t0, stop, steps = time.perf_counter(), torch.zeros(1), [0]
     losses: list[float] = []
+
+    def hook(epoch: int, done: int) -> None:
+        steps[0] += 1
+        stop.fill_(float(time.perf_counter() - t0 > args.train_seconds))
+        dist.broadcast(stop, src=0)
+        if stop.item():
+            raise _TimeUp
+        if ctx.is_main and steps[0] % 10 == 0:
+            rate = steps[0] * args.batch_size * ctx.world_size / (time.perf_counter() - t0)
+            print(f"step {steps[0]}: {rate:.0f} seq/s", flush=True)
+
     epoch = 0
-    while not stop.item():
-        loader.set_epoch(epoch)
-        for batch in loader:
-            optimizer.zero_grad()
-            loss, out = model(inner.prepare_batch(batch))
-            loss.backward()
-            optimizer.step()
-            steps, rows = steps + 1, rows + batch.batch_size
-            losses.append(float(out.loss))
-            stop.fill_(float(time.perf_counter() - t0 > args.train_seconds))
-            dist.broadcast(stop, src=0)
-            if stop.item():
-                break
-            if dist.get_rank() == 0 and steps % 10 == 0:
-                print(f"step {steps} loss {np.mean(losses[-10:]):.3f} "
-                      f"{rows * dist.get_world_size() / (time.perf_counter() - t0):.0f} seq/s", flush=True)
-        epoch += 1
+    try:
+        while True:
+            loader.set_epoch(epoch)
+            losses.append(train_one_epoch(model, optimizer, loader, ctx, progress=False,
+                                          epoch=epoch, on_batch_end=hook))
+            epoch += 1
+    except _TimeUp:
+        pass
     seconds = time.perf_counter() - t0
-    return {"steps": steps, "seconds": seconds, "seq_per_s": rows * dist.get_world_size() / seconds,
-            "loss_first10": float(np.mean(losses[:10])), "loss_last10": float(np.mean(losses[-10:]))}
+    return {"steps": steps[0], "seconds": seconds,
+            "seq_per_s": steps[0] * args.batch_size * ctx.world_size / seconds,
+            "epoch_losses": losses}
 
 
 @torch.no_grad()
@@ -154,10 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     train_part = windows_from_sequences("train", [s[:-1] for s in seqs], args.items, args.max_len)
     test_part = windows_from_sequences("test", seqs[: args.eval_users], args.items, args.max_len)
     counts = torch.from_numpy(np.bincount(train_part.values, minlength=args.items + 1))
-    enc = MambaSequenceEncoder(d_model=args.dim, num_layers=1, d_state=32, dropout=0.2)
-    cfg = Mamba4RecConfig(num_items=args.items, embedding_dim=args.dim,
-                          sampled_softmax=SampledSoftmaxConfig(num_negatives=args.negatives))
-    model = Mamba4Rec(cfg, enc, item_counts=counts, device="meta")  # tables: DMP materialises shards
+    cfg = RunConfig(d_model=args.dim, num_layers=1, d_state=32, dropout=0.2,
+                    max_len=args.max_len, sampled_softmax=args.negatives)
+    info = DataInfo(num_items=args.items,
+                    targets_per_row=targets_per_row(np.diff(train_part.offsets) - 1))
+    # tables on meta: DMP materialises only each rank's shard
+    model = build_model(cfg, info, device="meta", item_counts=counts)
     emb_opt = EmbeddingOptimizerConfig("rowwise_adagrad", lr=args.table_lr)
     dmp = shard_model(model, "row_wise", ctx, emb_opt)
     optimizer = build_optimizer(dmp, args.lr, 0.0, emb_opt)
@@ -168,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     local = torch.tensor([table_bytes(dmp)], dtype=torch.float64)
     gathered = [torch.zeros_like(local) for _ in range(ctx.world_size)]
     dist.all_gather(gathered, local)
-    trained = train(dmp, optimizer, loader, args)
+    trained = train(dmp, optimizer, loader, args, ctx)
     t0 = time.perf_counter()
     test = evaluate(dmp, test_loader, args)
     eval_s = time.perf_counter() - t0

@@ -28,6 +28,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
@@ -129,14 +130,18 @@ def _prepare_run(cfg: RunConfig, ctx: DistributedContext):  # type: ignore[no-un
         resolve_embedding_optimizer,
         shard_model,
     )
+    from torchrec_mamba.train.run_guard import data_fingerprint
 
     _seed_everything(cfg.seed)
     data = load_sequences(cfg.data)
     split, train, valid, test = _loaders(cfg, data, ctx)
-    info = DataInfo.from_sequence_data(data)
+    info = dataclasses.replace(
+        DataInfo.from_sequence_data(data),
+        data_fingerprint=data_fingerprint(cfg.data.partition(":")[2]),
+        targets_per_row=targets_per_row(np.diff(split.train.offsets) - 1),  # window inputs
+    )
     counts = torch.from_numpy(np.bincount(split.train.values, minlength=data.num_items + 1))
-    per_row = targets_per_row(np.diff(split.train.offsets) - 1)  # inputs of each training window
-    model: Any = build_model(cfg, info, ctx.device, item_counts=counts, targets_per_row=per_row)
+    model: Any = build_model(cfg, info, ctx.device, item_counts=counts)
     sharded = cfg.sharding is not None
     emb_opt = resolve_embedding_optimizer(
         cfg.embedding_optimizer, cfg.embedding_lr, cfg.lr, sharded, ctx.device
@@ -157,14 +162,29 @@ def _error(err: BaseException | str) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from torchrec_mamba.train.config import RunConfig
-    from torchrec_mamba.train.distributed import destroy_distributed
+    from torchrec_mamba.train.distributed import (
+        CollectiveFailure,
+        collective_errors,
+        destroy_distributed,
+    )
     from torchrec_mamba.train.loop import FitConfig, fit
+    from torchrec_mamba.train.run_guard import (
+        check_output_dir,
+        check_resume_config,
+        resolve_resume,
+    )
 
     try:
         cfg = RunConfig.from_dict({k: v for k, v in vars(args).items() if k != "command"})
+        # before anything is loaded or written: no silent fresh start, no clobbered results
+        mode = resolve_resume(cfg.checkpoint_dir, cfg.resume, cfg.resume_if_exists)
+        if mode == "fresh":
+            for folder in (cfg.output, cfg.checkpoint_dir):
+                if folder is not None:
+                    check_output_dir(folder, cfg.overwrite)
         fit_config = FitConfig(
             epochs=cfg.epochs, patience=cfg.patience, mask_seen=cfg.mask_seen,
-            pipeline=cfg.pipeline, checkpoint_dir=cfg.checkpoint_dir, resume=cfg.resume,
+            pipeline=cfg.pipeline, checkpoint_dir=cfg.checkpoint_dir, resume=mode == "resume",
             progress=not cfg.no_progress, best_model_path=str(Path(cfg.output) / _MODEL_FILE),
         )
     except ValueError as err:
@@ -173,6 +193,8 @@ def _train(args: argparse.Namespace) -> int:
     try:
         try:
             model, optimizer, (train, valid, test), info, derived = _prepare_run(cfg, ctx)
+            if mode == "resume":  # compare the saved run with this one before any weight loads
+                check_resume_config(cfg.checkpoint_dir, {**cfg.to_dict(), **info.to_dict()})
         except (ValueError, OSError) as err:  # bad or missing data file, impossible setting
             return _error(err)
         if ctx.is_main:
@@ -180,7 +202,11 @@ def _train(args: argparse.Namespace) -> int:
                 if folder is not None:
                     cfg.save(folder)
                     info.save(folder)
-        result = fit(model, optimizer, train, valid, test, fit_config, ctx)
+        try:
+            with collective_errors(ctx):
+                result = fit(model, optimizer, train, valid, test, fit_config, ctx)
+        except (ValueError, CollectiveFailure) as err:  # unreadable checkpoint, a dead rank
+            return _error(err)
         report = {
             "valid": result.valid,
             "test": result.test,

@@ -431,7 +431,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     item_counts = label_counts(splits.train, "item", splits.num_items)
     category_counts = label_counts(splits.train, "category", splits.num_categories)
-    info = DataInfo(num_items=splits.num_items, num_categories=splits.num_categories)
+    info = DataInfo(num_items=splits.num_items, num_categories=splits.num_categories,
+                    targets_per_row=float(item_counts[1:].sum()) / max(splits.train.num_rows, 1))
     results: dict[str, TrainResult] = {}
     for kind in models:
         cfg = run_config(kind, args)

@@ -114,8 +114,10 @@ def test_run_config_options_reach_the_model() -> None:
     assert task.head.logits_dtype == torch.bfloat16
     assert task.targets_per_row == 2.5
     assert model.tower.input_scale == pytest.approx(math.sqrt(8))
-    with pytest.raises(ValueError, match="needs targets_per_row"):
-        build_model(cfg, DataInfo(num_items=10))
+    # without the constant the loss is the sum per row (same Adam updates, another scale)
+    assert build_model(cfg, DataInfo(num_items=10)).tasks[0].targets_per_row == 1.0
+    from_info = build_model(cfg, DataInfo(num_items=10, targets_per_row=3.0))
+    assert from_info.tasks[0].targets_per_row == 3.0
     with pytest.raises(ValueError, match="head_dtype='float16'"):
         RunConfig(**small, head_dtype="float16")
 

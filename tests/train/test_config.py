@@ -90,6 +90,9 @@ def test_one_build_model_and_no_training_loop_outside_train() -> None:
              for p in (ROOT / d).rglob("*.py")]
     builders = [p for p in files if re.search(r"^def (_?build_model)\b", p.read_text(), re.M)]
     assert [p.relative_to(ROOT).as_posix() for p in builders] == ["torchrec_mamba/train/config.py"]
-    loops = [p for p in files if "optimizer.step()" in p.read_text() or
-             "train_one_epoch(" in p.read_text()]
-    assert all(p.relative_to(ROOT).parts[:2] == ("torchrec_mamba", "train") for p in loops), loops
+    # benchmarks/plain_sasrec.py is the independent reference our trainer is checked against:
+    # it must not use the trainer
+    independent = {"benchmarks/plain_sasrec.py"}
+    loops = [p for p in files if "optimizer.step()" in p.read_text() or "opt.step()" in p.read_text()]
+    assert all(p.relative_to(ROOT).parts[:2] == ("torchrec_mamba", "train")
+               or p.relative_to(ROOT).as_posix() in independent for p in loops), loops

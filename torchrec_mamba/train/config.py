@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ __all__ = [
     "build_model",
     "targets_per_row",
 ]
+
+logger = logging.getLogger(__name__)
 
 RUN_CONFIG = "run_config.json"
 DATA_INFO = "data_info.json"
@@ -126,7 +129,12 @@ class RunConfig:
                                 choices=("table_wise", "row_wise", "column_wise"))
     device: str | None = _opt(None, "default: cuda if available", "run", choices=("cpu", "cuda"))
     checkpoint_dir: str | None = _opt(None, "checkpoint after every epoch here", "run")
-    resume: bool = _opt(False, "continue from --checkpoint-dir", "run")
+    resume: bool = _opt(False, "continue from --checkpoint-dir (an error when it holds no "
+                        "checkpoint, or one of another run)", "run")
+    resume_if_exists: bool = _opt(False, "resume when --checkpoint-dir holds a checkpoint of this "
+                                  "run, else start from scratch", "run")
+    overwrite: bool = _opt(False, "replace the results already in --output (and the checkpoint "
+                           "in --checkpoint-dir) of an earlier run", "run")
     eval_batch_size: int = _opt(1024, "evaluation rows per rank", "run")
     mask_seen: bool = _opt(False, "do not rank items already in the history", "run")
     no_progress: bool = _opt(False, "no tqdm bar", "run")
@@ -233,6 +241,11 @@ class DataInfo:
         num_items (int): items I (table rows I + 1).
         num_categories (int): categories C (0: no category table). Default: 0.
         num_users (int): users in the training data. Default: 0.
+        data_fingerprint (str | None): identity of the data file
+            (:func:`~torchrec_mamba.train.run_guard.data_fingerprint`), so that ``--resume``
+            refuses another file. Default: None.
+        targets_per_row (float | None): mean training targets per row (:func:`targets_per_row`),
+            the constant of ``loss_normalization="global"``. Default: None.
         raw_item_ids (list[int] | None): raw id of each dense item id (entry 0 padding, -1),
             when the reader re-indexed the items. Default: None.
 
@@ -246,6 +259,8 @@ class DataInfo:
     num_categories: int = 0
     num_users: int = 0
     raw_item_ids: list[int] | None = None
+    data_fingerprint: str | None = None
+    targets_per_row: float | None = None
 
     @classmethod
     def from_sequence_data(cls, data: Any) -> DataInfo:
@@ -256,6 +271,10 @@ class DataInfo:
             num_users=int(data.num_users),
             raw_item_ids=[int(i) for i in data.raw_item_ids],
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, JSON-ready."""
+        return dataclasses.asdict(self)
 
     def save(self, directory: str | Path) -> Path:
         """Write ``directory/data_info.json``; returns its path."""
@@ -293,8 +312,9 @@ def build_model(
         device (torch.device | str | None): parameter device. Default: None (CPU).
         item_counts (Tensor | None): (I + 1,) training counts of each item, the proposal of the
             sampled softmax (count training ids only, so nothing leaks). Default: None.
-        targets_per_row (float | None): mean training targets per row, required by
-            ``loss_normalization="global"`` (see :func:`targets_per_row`). Default: None.
+        targets_per_row (float | None): mean training targets per row for
+            ``loss_normalization="global"`` (see :func:`targets_per_row`). Default: None
+            (``data.targets_per_row``).
 
     Example::
 
@@ -309,9 +329,14 @@ def build_model(
     from torchrec_mamba.models import SampledSoftmaxConfig, mamba4rec, sasrec
 
     cfg = config.resolved()
+    if targets_per_row is None:
+        targets_per_row = data.targets_per_row
     if cfg.loss_normalization == "global" and targets_per_row is None:
-        raise ValueError("loss_normalization='global' needs targets_per_row (the mean number of "
-                         "training targets per row, see train.config.targets_per_row)")
+        # Only the loss's scale depends on the constant: Adam and Adagrad updates do not (up to
+        # their epsilon), and a model rebuilt for inference never uses it.
+        logger.info("loss_normalization='global' without targets_per_row: the loss is the sum "
+                    "per row (pass targets_per_row for a per-target mean)")
+        targets_per_row = 1.0
     sampled = SampledSoftmaxConfig(num_negatives=cfg.sampled_softmax) if cfg.sampled_softmax else None
     common: dict[str, Any] = dict(
         num_categories=data.num_categories,

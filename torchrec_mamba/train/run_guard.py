@@ -36,6 +36,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 RUN_CONFIG = "run_config.json"
+DATA_INFO = "data_info.json"
 #: Keys of the run config that name the data a run was trained on.
 DATA_KEYS = ("data", "data_fingerprint", "num_items", "num_users")
 #: Keys that decide the shape (or layout) of the model's parameters and of its checkpoint.
@@ -114,7 +115,10 @@ def compare_run_configs(saved: Mapping[str, Any], new: Mapping[str, Any]) -> lis
 
 
 def check_resume_config(checkpoint_dir: str | Path, new: Mapping[str, Any]) -> None:
-    """Refuse to resume from ``checkpoint_dir`` when its ``run_config.json`` is another run.
+    """Refuse to resume from ``checkpoint_dir`` when its saved config is another run.
+
+    The saved config is ``run_config.json`` merged with ``data_info.json`` (item count, data
+    fingerprint) when that file is there too.
 
     Args:
         checkpoint_dir (str | Path): the checkpoint folder.
@@ -130,12 +134,17 @@ def check_resume_config(checkpoint_dir: str | Path, new: Mapping[str, Any]) -> N
             f"{path} not found: cannot check that the checkpoint belongs to this run "
             "(it is written by `train --checkpoint-dir`)"
         )
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable run config ({e})") from None
-    if not isinstance(saved, dict):
-        raise ValueError(f"{path}: not a run config (a JSON object expected)")
+    saved: dict[str, Any] = {}
+    for part in (path, Path(checkpoint_dir) / DATA_INFO):  # data_info.json is optional
+        if part is not path and not part.is_file():
+            continue
+        try:
+            values = json.loads(part.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{part}: not a readable run config ({e})") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{part}: not a run config (a JSON object expected)")
+        saved.update(values)
     diffs = compare_run_configs(saved, new)
     if diffs:
         raise ValueError(
