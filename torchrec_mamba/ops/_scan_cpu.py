@@ -1,6 +1,8 @@
-"""Compiled C++ CPU selective scan (backend "cpu") with a hand-written backward.
+"""Compiled C++ CPU kernels (backend "cpu"): the loader, and the selective scan's autograd wrapper.
 
-The kernel lives in ``selective_scan_cpu.cpp`` beside this file. It is JIT-compiled with
+One C++ source per op lies beside its Python op (``selective_scan.cpp``, ``causal_conv1d.cpp``,
+``state_update.cpp``, ``dropout.cpp``), with the shared SIMD helpers and the forward recurrence
+in ``kernel_common.h``. They build into one extension, JIT-compiled with
 :func:`torch.utils.cpp_extension.load` the first time it is needed (never at import time), cached
 by torch under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), and reused by
 later processes. If the build fails, a warning is logged once, :func:`is_available` returns
@@ -9,16 +11,19 @@ False, :func:`build_error` says why, and ``backend="auto"`` falls back to "chunk
 Set ``TORCHREC_MAMBA_NO_CPU_KERNEL=1`` to skip the build (the "cpu" backend then reports itself
 unavailable).
 
-The forward keeps no states; the backward recomputes them per (batch row, channel) into a
-thread-local L x N buffer, so memory is linear in L. Arguments are validated by
+The forward keeps a checkpoint of the state every 64 steps (when a gradient is needed); the
+backward recomputes one chunk of states at a time from them into a cache-resident buffer, so
+memory is linear in L and the backward's working set does not grow with L. Arguments are validated by
 :func:`torchrec_mamba.ops.selective_scan.check_scan_args` before they reach :func:`selective_scan`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +35,12 @@ from torchrec_mamba.ops.selective_scan import accumulate_dtype
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("selective_scan_cpu.cpp")
+_HERE = Path(__file__).parent
+SOURCES: tuple[Path, ...] = tuple(
+    _HERE / name
+    for name in ("selective_scan.cpp", "causal_conv1d.cpp", "state_update.cpp", "dropout.cpp")
+)
+HEADERS: tuple[Path, ...] = (_HERE / "kernel_common.h",)
 DISABLE_ENV = "TORCHREC_MAMBA_NO_CPU_KERNEL"
 ISA_ENV = "TORCHREC_MAMBA_CPU_ISA"
 
@@ -71,7 +81,7 @@ class KernelLoader:
     """Builds and loads the C++ extension once, lazily and thread-safely.
 
     Args:
-        source (Path): the C++ source file. Default: ``selective_scan_cpu.cpp`` beside this file.
+        sources (Path | Sequence[Path]): the C++ source files. Default: :data:`SOURCES`.
         name (str): base name of the extension (an ISA tag is appended). Default:
             ``"torchrec_mamba_scan_cpu"``.
 
@@ -84,8 +94,10 @@ class KernelLoader:
         True
     """
 
-    def __init__(self, source: Path = SOURCE, name: str = "torchrec_mamba_scan_cpu") -> None:
-        self.source = source
+    def __init__(
+        self, sources: Path | Sequence[Path] = SOURCES, name: str = "torchrec_mamba_scan_cpu"
+    ) -> None:
+        self.sources = (sources,) if isinstance(sources, Path) else tuple(sources)
         self.name = name
         self._lock = threading.Lock()
         self._tried = False
@@ -95,15 +107,27 @@ class KernelLoader:
     def _build(self) -> Any:
         if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
             raise RuntimeError(f"disabled by the environment variable {DISABLE_ENV}")
-        if not self.source.is_file():
-            raise FileNotFoundError(f"kernel source {self.source} not found")
+        for source in self.sources:
+            if not source.is_file():
+                raise FileNotFoundError(f"kernel source {source} not found")
         from torch.utils.cpp_extension import load
 
         tag, arch = _arch_flags()
+        # torch rebuilds when a source or a flag changes, not a header: put the header's hash
+        # into the flags so that an edit to it rebuilds too.
+        digest = hashlib.sha1(b"".join(h.read_bytes() for h in HEADERS)).hexdigest()[:12]
         load(
             name=f"{self.name}_{tag}",
-            sources=[str(self.source)],
-            extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", "-DNDEBUG", *arch],
+            sources=[str(source) for source in self.sources],
+            extra_include_paths=[str(_HERE)],
+            extra_cflags=[
+                "-O3",
+                "-fopenmp",
+                "-fno-trapping-math",
+                "-DNDEBUG",
+                f"-DTRM_HEADERS={digest}",
+                *arch,
+            ],  # fmt: skip
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
@@ -182,8 +206,11 @@ class _SelectiveScanCPU(torch.autograd.Function):
         delta_softplus: bool,
     ) -> tuple[Tensor, Tensor]:
         ops = _LOADER.get()
-        y, last = ops.selective_scan_fwd(u, delta, A, Bt, Ct, D, z, delta_bias, delta_softplus)
-        ctx.save_for_backward(u, delta, A, Bt, Ct, D, z, delta_bias)
+        grad = any(ctx.needs_input_grad)
+        y, last, ckpt = ops.selective_scan_fwd(
+            u, delta, A, Bt, Ct, D, z, delta_bias, delta_softplus, grad
+        )  # ckpt: the state every 64 steps, for the backward's recompute
+        ctx.save_for_backward(u, delta, A, Bt, Ct, D, z, delta_bias, ckpt)
         ctx.delta_softplus = delta_softplus
         ctx.set_materialize_grads(False)
         return y, last  # (B, D, L), (B, D, N)
@@ -193,7 +220,7 @@ class _SelectiveScanCPU(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, dy: Tensor | None, dlast: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        u, delta, A, Bt, Ct, D, z, delta_bias = ctx.saved_tensors
+        u, delta, A, Bt, Ct, D, z, delta_bias, ckpt = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(u)
         dy = dy.to(u.dtype).contiguous()  # (B, D, L)
@@ -201,7 +228,7 @@ class _SelectiveScanCPU(torch.autograd.Function):
             dlast = dlast.to(u.dtype).contiguous()  # (B, D, N)
         ops = _LOADER.get()
         du, ddelta, dA, dBt, dCt, dD, dz, dbias = ops.selective_scan_bwd(
-            u, delta, A, Bt, Ct, D, z, delta_bias, ctx.delta_softplus, dy, dlast
+            u, delta, A, Bt, Ct, D, z, delta_bias, ctx.delta_softplus, ckpt, dy, dlast
         )
         need = ctx.needs_input_grad
         return (
