@@ -180,6 +180,25 @@ def test_chunk_boundaries(backend: str, dtype: torch.dtype, shape: tuple[int, ..
     assert_matches(got, want, TOL[dtype])
 
 
+@pytest.mark.parametrize("length", [1, 9, 130])
+def test_channels_last_views(cpu_kernel: None, length: int) -> None:
+    """fp32 u, delta and z as (B, D, L) views of (B, L, D) memory (the Mamba block's layout):
+    read in place, results in that layout, everything equal to the reference."""
+    base = make_inputs(2, 19, length, 6)
+
+    def channels_last(t: Tensor) -> Tensor:
+        return t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+
+    views = {k: channels_last(v) if k in ("u", "delta", "z") else v for k, v in base.items()}
+    got = run_scan(with_backend("cpu"), views, True)
+    want = run_scan(selective_scan_ref, base, True)
+    assert_matches(got, want, TOL[torch.float32])
+    if length > 1:
+        assert got[0].transpose(1, 2).is_contiguous(), "y keeps u's channels-last layout"
+        for name in ("u", "delta", "z"):
+            assert got[2][name].transpose(1, 2).is_contiguous(), f"d{name} keeps its layout"
+
+
 def test_no_checkpoints_without_grad(cpu_kernel: None) -> None:
     """Inference keeps no state checkpoints; a backward with wrong ones is refused, not wrong."""
     t = {k: None if v is None else v.detach() for k, v in make_inputs(2, 3, 70, 4).items()}

@@ -223,7 +223,9 @@ class _SelectiveScanCPU(torch.autograd.Function):
         u, delta, A, Bt, Ct, D, z, delta_bias, ckpt = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(u)
-        dy = dy.to(u.dtype).contiguous()  # (B, D, L)
+        dy = dy.to(u.dtype)  # (B, D, L); float reads any layout, double needs contiguous
+        if dy.dtype == torch.float64:
+            dy = dy.contiguous()
         if dlast is not None:
             dlast = dlast.to(u.dtype).contiguous()  # (B, D, N)
         ops = _LOADER.get()
@@ -258,8 +260,11 @@ def selective_scan(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Selective scan on the compiled CPU kernel; arguments as in :func:`selective_scan`.
 
-    Inputs are cast to the accumulate dtype (fp32, or fp64 for fp64 inputs) and made contiguous,
-    with B and C transposed to (B, L, N); autograd casts each gradient back to its input's dtype.
+    Inputs are cast to the accumulate dtype (fp32, or fp64 for fp64 inputs); fp64 ones are made
+    contiguous, fp32 activations (u, delta, z) are read in their own layout, and the outputs and
+    their gradients come back in that layout (a channels-last view gives channels-last results).
+    B and C are transposed to contiguous (B, L, N); autograd casts each gradient back to its
+    input's dtype.
 
     Args:
         u (Tensor): (B, D, L) input.
@@ -296,10 +301,25 @@ def selective_scan(
     def prep(t: Tensor | None) -> Tensor | None:
         return None if t is None else t.to(acc).contiguous()
 
+    def prep_activation(t: Tensor | None) -> Tensor | None:
+        # The float kernel reads (B, D, L) activations in any layout (the Mamba block passes
+        # channels-last views of its (B, L, E) projections): no copy. Double: contiguous.
+        if t is None or acc == torch.float32:
+            return None if t is None else t.to(acc)
+        return prep(t)
+
     Bt = B.to(acc).transpose(1, 2).contiguous()  # (B, L, N)
     Ct = C.to(acc).transpose(1, 2).contiguous()  # (B, L, N)
     y, last = _SelectiveScanCPU.apply(
-        prep(u), prep(delta), prep(A), Bt, Ct, prep(D), prep(z), prep(delta_bias), delta_softplus
+        prep_activation(u),
+        prep_activation(delta),
+        prep(A),
+        Bt,
+        Ct,
+        prep(D),
+        prep_activation(z),
+        prep(delta_bias),
+        delta_softplus,
     )
     y = y.to(u.dtype)  # (B, D, L)
     return (y, last) if return_last_state else y

@@ -2,7 +2,9 @@
 // SiLU, its backward, and the one-step update for streaming inference. One (b, d) row of L
 // steps at a time, rows split over threads, the loop over t vectorised:
 //   y[t] = act(bias + sum_k w[k] * x[t - (W - 1) + k])          (x[< 0] = 0)
-// The Python op is causal_conv1d.py beside this file.
+// A channels-last variant ((B, L, D) memory, the loop over channels vectorised) serves the Mamba
+// block, whose projections produce that layout. The Python op is causal_conv1d.py beside this
+// file.
 
 #include "kernel_common.h"
 
@@ -229,12 +231,186 @@ at::Tensor causal_conv1d_update_cpu(const at::Tensor& x, const at::Tensor& conv_
   return y;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Channels-last: x, y (B, L, D) contiguous (the layout of the projections' GEMM outputs), the
+// loop over channels vectorised. Time steps are split over threads, in blocks of kRows; the
+// backward keeps per-thread partial sums of dw and d bias.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int64_t kRows = 64;
+
+// s[d] = bias[d] + sum_k wt[k][d] * x[t - (W - 1) + k][d] for one step t of one batch row.
+template <typename T>
+inline void conv_step_cl(const T* __restrict x, const T* __restrict wt, const T* __restrict bias,
+                         int64_t t, int64_t Dm, int64_t W, T* __restrict s) {
+  if (bias) {
+    std::copy(bias, bias + Dm, s);
+  } else {
+    std::fill(s, s + Dm, T(0));
+  }
+  for (int64_t k = std::max<int64_t>(0, W - 1 - t); k < W; ++k) {
+    const T* __restrict xr = x + (t - (W - 1) + k) * Dm;
+    const T* __restrict wk = wt + k * Dm;
+#pragma omp simd
+    for (int64_t d = 0; d < Dm; ++d) s[d] += wk[d] * xr[d];
+  }
+}
+
+template <typename T>
+void conv_cl_fwd_kernel(const T* x, const T* wt, const T* bias, bool silu, int64_t Bm,
+                        int64_t L, int64_t Dm, int64_t W, T* y) {
+  const int64_t blocks = (L + kRows - 1) / kRows, items = Bm * blocks;
+  const int nt = num_threads_for(items * L * Dm / 65536 + 1);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t item = 0; item < items; ++item) {
+    const int64_t b = item / blocks, t0 = (item % blocks) * kRows;
+    const int64_t t1 = std::min(L, t0 + kRows);
+    for (int64_t t = t0; t < t1; ++t) {
+      T* __restrict yr = y + (b * L + t) * Dm;
+      conv_step_cl<T>(x + b * L * Dm, wt, bias, t, Dm, W, yr);
+      if (silu) {
+#pragma omp simd
+        for (int64_t d = 0; d < Dm; ++d) yr[d] = yr[d] * sigmoid(yr[d]);
+      }
+    }
+  }
+}
+
+template <typename T>
+void conv_cl_bwd_kernel(const T* x, const T* wt, const T* bias, bool silu, const T* dy,
+                        int64_t Bm, int64_t L, int64_t Dm, int64_t W, T* g, T* dx, T* dwt,
+                        T* db) {
+  const int64_t blocks = (L + kRows - 1) / kRows, items = Bm * blocks;
+  const int nt = num_threads_for(items * L * Dm / 65536 + 1);
+  std::vector<T> acc_w(static_cast<size_t>(nt) * W * Dm, T(0));
+  std::vector<T> acc_b(static_cast<size_t>(nt) * Dm, T(0));
+#pragma omp parallel num_threads(nt)
+  {
+    T* my_w = acc_w.data() + static_cast<size_t>(thread_id()) * W * Dm;
+    T* my_b = acc_b.data() + static_cast<size_t>(thread_id()) * Dm;
+    // 1. g = d loss / d pre-activation (recomputed), into the caller's (B, L, D) buffer.
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t b = item / blocks, t0 = (item % blocks) * kRows;
+      const int64_t t1 = std::min(L, t0 + kRows);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t row = (b * L + t) * Dm;
+        T* __restrict gr = g + row;
+        const T* __restrict dyr = dy + row;
+        if (silu) {
+          conv_step_cl<T>(x + b * L * Dm, wt, bias, t, Dm, W, gr);
+#pragma omp simd
+          for (int64_t d = 0; d < Dm; ++d) {
+            const T sv = gr[d], sig = sigmoid(sv);
+            gr[d] = dyr[d] * sig * (T(1) + sv * (T(1) - sig));
+          }
+        } else {
+          std::copy(dyr, dyr + Dm, gr);
+        }
+      }
+    }
+    // 2. dx[t] = sum_k w[k] * g[t + W - 1 - k]; dw[k] += g[t] * x[t - (W - 1) + k]; db += g[t].
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t b = item / blocks, t0 = (item % blocks) * kRows;
+      const int64_t t1 = std::min(L, t0 + kRows);
+      const T* __restrict xb = x + b * L * Dm;
+      const T* __restrict gb = g + b * L * Dm;
+      for (int64_t t = t0; t < t1; ++t) {
+        T* __restrict dxr = dx + (b * L + t) * Dm;
+        std::fill(dxr, dxr + Dm, T(0));
+        for (int64_t k = 0; k < W; ++k) {
+          const int64_t j = t + W - 1 - k;
+          if (j >= L) continue;
+          const T* __restrict wk = wt + k * Dm;
+          const T* __restrict gj = gb + j * Dm;
+#pragma omp simd
+          for (int64_t d = 0; d < Dm; ++d) dxr[d] += wk[d] * gj[d];
+        }
+        const T* __restrict gt = gb + t * Dm;
+        for (int64_t k = std::max<int64_t>(0, W - 1 - t); k < W; ++k) {
+          const T* __restrict xr = xb + (t - (W - 1) + k) * Dm;
+          T* __restrict mw = my_w + k * Dm;
+#pragma omp simd
+          for (int64_t d = 0; d < Dm; ++d) mw[d] += gt[d] * xr[d];
+        }
+#pragma omp simd
+        for (int64_t d = 0; d < Dm; ++d) my_b[d] += gt[d];
+      }
+    }
+  }
+  for (int i = 0; i < nt; ++i) {
+    for (int64_t k = 0; k < W * Dm; ++k) dwt[k] += acc_w[static_cast<size_t>(i) * W * Dm + k];
+    if (db)
+      for (int64_t d = 0; d < Dm; ++d) db[d] += acc_b[static_cast<size_t>(i) * Dm + d];
+  }
+}
+
+void check_conv_cl(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous() && x.device().is_cpu(),
+              "causal_conv1d_cl: x must be a contiguous CPU (B, L, D) tensor, got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "causal_conv1d_cl: needs float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == x.size(2) && w.size(1) >= 1 &&
+                  w.scalar_type() == x.scalar_type(),
+              "causal_conv1d_cl: weight must be a (D, W) tensor of x's dtype, got ", w.sizes());
+  if (present(b)) {
+    TORCH_CHECK(b->dim() == 1 && b->size(0) == x.size(2) && b->is_contiguous() &&
+                    b->scalar_type() == x.scalar_type(),
+                "causal_conv1d_cl: bias must be a contiguous (D,) tensor of x's dtype");
+  }
+}
+
+// x (B, L, D) contiguous -> y (B, L, D).
+at::Tensor causal_conv1d_cl_fwd(const at::Tensor& x, const at::Tensor& w,
+                                const std::optional<at::Tensor>& b, bool silu) {
+  check_conv_cl(x, w, b);
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  const at::Tensor wt = w.t().contiguous();  // (W, D): one tap's weights are contiguous
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    conv_cl_fwd_kernel<T>(x.const_data_ptr<T>(), wt.const_data_ptr<T>(),
+                          present(b) ? b->const_data_ptr<T>() : nullptr, silu, x.size(0),
+                          x.size(1), x.size(2), w.size(1), y.data_ptr<T>());
+  };
+  if (x.scalar_type() == at::kDouble) run(double{}); else run(float{});
+  return y;
+}
+
+// Returns dx (B, L, D), dweight (D, W), dbias (D,) (size 0 without a bias).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_cl_bwd(
+    const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, bool silu,
+    const at::Tensor& dy) {
+  check_conv_cl(x, w, b);
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.is_contiguous() && dy.scalar_type() == x.scalar_type(),
+              "causal_conv1d_cl: dy must be contiguous and match x");
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  at::Tensor g = at::empty(x.sizes(), x.options());
+  at::Tensor dwt = at::zeros({w.size(1), w.size(0)}, w.options());
+  at::Tensor db = at::zeros({present(b) ? x.size(2) : 0}, x.options());
+  const at::Tensor wt = w.t().contiguous();
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    conv_cl_bwd_kernel<T>(x.const_data_ptr<T>(), wt.const_data_ptr<T>(),
+                          present(b) ? b->const_data_ptr<T>() : nullptr, silu,
+                          dy.const_data_ptr<T>(), x.size(0), x.size(1), x.size(2), w.size(1),
+                          g.data_ptr<T>(), dx.data_ptr<T>(), dwt.data_ptr<T>(),
+                          present(b) ? db.data_ptr<T>() : nullptr);
+  };
+  if (x.scalar_type() == at::kDouble) run(double{}); else run(float{});
+  return {dx, dwt.t().contiguous(), db};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(torchrec_mamba_scan, m) {
   m.def("causal_conv1d_fwd(Tensor x, Tensor weight, Tensor? bias, bool silu) -> Tensor");
   m.def(
       "causal_conv1d_bwd(Tensor x, Tensor weight, Tensor? bias, bool silu, Tensor dy) -> "
+      "(Tensor, Tensor, Tensor)");
+  m.def("causal_conv1d_cl_fwd(Tensor x, Tensor weight, Tensor? bias, bool silu) -> Tensor");
+  m.def(
+      "causal_conv1d_cl_bwd(Tensor x, Tensor weight, Tensor? bias, bool silu, Tensor dy) -> "
       "(Tensor, Tensor, Tensor)");
   m.def(
       "causal_conv1d_update_cpu(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, "
@@ -244,5 +420,7 @@ TORCH_LIBRARY_FRAGMENT(torchrec_mamba_scan, m) {
 TORCH_LIBRARY_IMPL(torchrec_mamba_scan, CPU, m) {
   m.impl("causal_conv1d_fwd", &causal_conv1d_fwd);
   m.impl("causal_conv1d_bwd", &causal_conv1d_bwd);
+  m.impl("causal_conv1d_cl_fwd", &causal_conv1d_cl_fwd);
+  m.impl("causal_conv1d_cl_bwd", &causal_conv1d_cl_bwd);
   m.impl("causal_conv1d_update_cpu", &causal_conv1d_update_cpu);
 }

@@ -114,6 +114,38 @@ def _activate(y: Tensor, activation: str | None) -> Tensor:
     return F.silu(y) if activation in ("silu", "swish") else y
 
 
+class _CausalConv1dCLCPU(torch.autograd.Function):
+    """The compiled CPU conv on channels-last (B, L, D) memory, vectorised over channels."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x_cl: Tensor, weight: Tensor, bias: Tensor | None, silu: bool
+    ) -> Tensor:
+        ctx.save_for_backward(x_cl, weight, bias)
+        ctx.silu = silu
+        return _scan_cpu.kernel_ops().causal_conv1d_cl_fwd(x_cl, weight, bias, silu)  # (B, L, D)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x_cl, weight, bias = ctx.saved_tensors
+        dx, dw, db = _scan_cpu.kernel_ops().causal_conv1d_cl_bwd(
+            x_cl, weight, bias, ctx.silu, dy.contiguous()
+        )
+        need = ctx.needs_input_grad
+        return (
+            dx if need[0] else None,
+            dw if need[1] else None,
+            db if bias is not None and need[2] else None,
+            None,
+        )
+
+
+def _channels_last(x: Tensor) -> bool:
+    """Whether x (B, D, L) is a view of contiguous (B, L, D) memory (and not also contiguous)."""
+    return x.shape[1] > 1 and x.shape[2] > 1 and x.transpose(1, 2).is_contiguous()
+
+
 def _unfit(
     x: Tensor,
     weight: Tensor,
@@ -250,6 +282,11 @@ def causal_conv1d(
             x = x.contiguous()
         return _fused.causal_conv1d_fn(x, weight, bias, activation=activation)
     if choice == "cpu":
+        silu = activation in ("silu", "swish")
+        if _channels_last(x):  # the layout of the Mamba block's projections: no transposes
+            b = None if bias is None else bias.contiguous()
+            y_cl = _CausalConv1dCLCPU.apply(x.transpose(1, 2), weight.contiguous(), b, silu)
+            return y_cl.transpose(1, 2)  # (B, D, L) view of (B, L, D) memory
         return _CausalConv1dCPU.apply(
             x.contiguous(),
             weight.contiguous(),

@@ -40,6 +40,14 @@ constexpr int64_t kChunk = 64;
 
 inline int64_t num_chunks(int64_t L) { return (L + kChunk - 1) / kChunk; }
 
+// Element (b, d, t) of a (B, D, L) tensor lies at b * this->b + d * this->d + t * this->t.
+struct Strides {
+  int64_t b, d, t;
+  int64_t at(int64_t bi, int64_t di, int64_t ti) const { return bi * b + di * d + ti * t; }
+};
+
+inline Strides strides_of(const at::Tensor& x) { return {x.stride(0), x.stride(1), x.stride(2)}; }
+
 template <typename T>
 struct ScanArgs {
   const T* u;      // (B, D, L)
@@ -52,6 +60,7 @@ struct ScanArgs {
   const T* bias;   // (D,) or nullptr
   bool softplus;
   int64_t batch, dim, len, nstate;
+  Strides su, sdelta, sz;  // float: any layout (contiguous, or channels-last (B, L, D) memory)
 };
 
 template <typename T>
@@ -290,23 +299,32 @@ void scan_bwd_kernel(const ScanArgs<T>& p, const T* ckpt, const T* dy, const T* 
 // Checkpoints: (B, channel blocks, chunks, N) vectors.
 // ---------------------------------------------------------------------------------------------
 
-// Steps [0, n) of rows [d0, d0 + nc) of a (.., L) slab -> an (n, kLanes) tile, zero-padded.
-inline void load_tile(const float* __restrict rows, int64_t L, int64_t n, int nc,
+// Steps [0, n) of channels [0, nc) from base (the element (b, d0, t0)) -> an (n, kLanes) tile,
+// zero-padded. Channels-last memory (s.d == 1) is a copy of nc contiguous floats per step.
+inline void load_tile(const float* __restrict base, const Strides& s, int64_t n, int nc,
                       vf* __restrict tile) {
   if (nc < kLanes) std::fill(tile, tile + n, vf{});
   float* __restrict t = reinterpret_cast<float*>(tile);
+  if (s.d == 1) {
+    for (int64_t i = 0; i < n; ++i) std::copy(base + i * s.t, base + i * s.t + nc, t + i * kLanes);
+    return;
+  }
   for (int c = 0; c < nc; ++c) {
-    const float* __restrict r = rows + c * L;
-    for (int64_t i = 0; i < n; ++i) t[i * kLanes + c] = r[i];
+    const float* __restrict r = base + c * s.d;
+    for (int64_t i = 0; i < n; ++i) t[i * kLanes + c] = r[i * s.t];
   }
 }
 
-inline void store_tile(const vf* __restrict tile, int64_t L, int64_t n, int nc,
-                       float* __restrict rows) {
+inline void store_tile(const vf* __restrict tile, const Strides& s, int64_t n, int nc,
+                       float* __restrict base) {
   const float* __restrict t = reinterpret_cast<const float*>(tile);
+  if (s.d == 1) {
+    for (int64_t i = 0; i < n; ++i) std::copy(t + i * kLanes, t + i * kLanes + nc, base + i * s.t);
+    return;
+  }
   for (int c = 0; c < nc; ++c) {
-    float* __restrict r = rows + c * L;
-    for (int64_t i = 0; i < n; ++i) r[i] = t[i * kLanes + c];
+    float* __restrict r = base + c * s.d;
+    for (int64_t i = 0; i < n; ++i) r[i * s.t] = t[i * kLanes + c];
   }
 }
 
@@ -345,28 +363,28 @@ inline void dt_tile(vf* __restrict dtv, vf* __restrict dspv, int64_t L, vf bias,
 
 inline int64_t num_blocks(int64_t dim) { return (dim + kLanes - 1) / kLanes; }
 
-void scan_fwd_f32(const ScanArgs<float>& p, float* __restrict y, float* __restrict last,
-                  vf* ckpt) {
+void scan_fwd_f32(const ScanArgs<float>& p, float* __restrict y, const Strides& sy,
+                  float* __restrict last, vf* ckpt) {
   const int64_t L = p.len, N = p.nstate, Dm = p.dim, nck = num_chunks(L);
   const int64_t nblk = num_blocks(Dm);
   const int64_t items = p.batch * nblk;
   const int nt = num_threads_for(items);
-  const int64_t per_thread = 3 * L + 2 * N;  // in vectors
+  const int64_t per_thread = 4 * L + 2 * N;  // in vectors
   std::vector<vf> scratch(static_cast<size_t>(nt * per_thread));
 #pragma omp parallel num_threads(nt)
   {
     vf* __restrict dtv = scratch.data() + thread_id() * per_thread;  // (L,) dt
     vf* __restrict uv = dtv + L;                                      // (L,) u
-    vf* __restrict accv = uv + L;                                     // (L,) C . h
-    vf* __restrict h = accv + L;                                      // (N,) state
+    vf* __restrict accv = uv + L;                                     // (L,) C . h, then y
+    vf* __restrict zv = accv + L;                                     // (L,) z
+    vf* __restrict h = zv + L;                                        // (N,) state
     vf* __restrict Av = h + N;                                        // (N,) A
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t b = item / nblk, d0 = (item % nblk) * kLanes;
       const int nc = static_cast<int>(std::min<int64_t>(kLanes, Dm - d0));
-      const int64_t row0 = (b * Dm + d0) * L;
-      load_tile(p.u + row0, L, L, nc, uv);
-      load_tile(p.delta + row0, L, L, nc, dtv);
+      load_tile(p.u + p.su.at(b, d0, 0), p.su, L, nc, uv);
+      load_tile(p.delta + p.sdelta.at(b, d0, 0), p.sdelta, L, nc, dtv);
       const vf bias = p.bias ? lane_vector(p.bias + d0, nc, 1, 0.0f) : vf{};
       dt_tile(dtv, nullptr, L, bias, p.softplus);
       for (int64_t n = 0; n < N; ++n) Av[n] = lane_vector(p.A + d0 * N + n, nc, N, 0.0f);
@@ -380,25 +398,17 @@ void scan_fwd_f32(const ScanArgs<float>& p, float* __restrict y, float* __restri
         accv[t] = ssm_step(dt * kDecayScale<float>, dt * uv[t], Av, h, h,
                            static_cast<vf*>(nullptr), Bt + t * N, Ct + t * N, N);
       }
-      // D skip and silu(z) gate, row by row (vectorised over t).
-      const float* accf = reinterpret_cast<const float*>(accv);
+      // D skip and silu(z) gate, on the tile.
+      const vf skip = p.D ? lane_vector(p.D + d0, nc, 1, 0.0f) : vf{};
+      if (p.z) {
+        load_tile(p.z + p.sz.at(b, d0, 0), p.sz, L, nc, zv);
+        for (int64_t t = 0; t < L; ++t) accv[t] = (accv[t] + skip * uv[t]) * (zv[t] * vsigmoid(zv[t]));
+      } else {
+        for (int64_t t = 0; t < L; ++t) accv[t] += skip * uv[t];
+      }
+      store_tile(accv, sy, L, nc, y + sy.at(b, d0, 0));
       for (int c = 0; c < nc; ++c) {
-        const int64_t bd = b * Dm + d0 + c;
-        const float skip = p.D ? p.D[d0 + c] : 0.0f;
-        const float* __restrict u = p.u + bd * L;
-        const float* __restrict z = p.z ? p.z + bd * L : nullptr;
-        float* __restrict yrow = y + bd * L;
-        if (z) {
-#pragma omp simd
-          for (int64_t t = 0; t < L; ++t) {
-            const float zt = z[t];
-            yrow[t] = (accf[t * kLanes + c] + skip * u[t]) * (zt * sigmoid(zt));
-          }
-        } else {
-#pragma omp simd
-          for (int64_t t = 0; t < L; ++t) yrow[t] = accf[t * kLanes + c] + skip * u[t];
-        }
-        for (int64_t n = 0; n < N; ++n) last[bd * N + n] = h[n][c];
+        for (int64_t n = 0; n < N; ++n) last[(b * Dm + d0 + c) * N + n] = h[n][c];
       }
     }
   }
@@ -474,8 +484,13 @@ inline void reverse_chunk_f32(VecScratch& s, int64_t n_t, int64_t N, const vf* h
   }
 }
 
+// Gradient layouts: dy, and du / d delta / dz (each like its input).
+struct GradStrides {
+  Strides dy, du, ddelta, dz;
+};
+
 void scan_bwd_f32(const ScanArgs<float>& p, const vf* ckpt, const float* dy, const float* dlast,
-                  const ScanGrads<float>& q, int64_t groups) {
+                  const ScanGrads<float>& q, const GradStrides& gs, int64_t groups) {
   const int64_t L = p.len, N = p.nstate, Dm = p.dim, Bm = p.batch, nck = num_chunks(L);
   const int64_t nblk = num_blocks(Dm);
   const int64_t items = Bm * groups;
@@ -518,14 +533,13 @@ void scan_bwd_f32(const ScanArgs<float>& p, const vf* ckpt, const float* dy, con
         for (int64_t k = k0; k < k1; ++k) {
           const int64_t j = k - k0, d0 = k * kLanes;
           const int nc = static_cast<int>(std::min<int64_t>(kLanes, Dm - d0));
-          const int64_t row0 = (b * Dm + d0) * L + t0;
-          load_tile(p.u + row0, L, n_t, nc, s.uv);
-          load_tile(p.delta + row0, L, n_t, nc, s.dtv);
-          load_tile(dy + row0, L, n_t, nc, s.dyv);
+          load_tile(p.u + p.su.at(b, d0, t0), p.su, n_t, nc, s.uv);
+          load_tile(p.delta + p.sdelta.at(b, d0, t0), p.sdelta, n_t, nc, s.dtv);
+          load_tile(dy + gs.dy.at(b, d0, t0), gs.dy, n_t, nc, s.dyv);
           const vf bias = p.bias ? lane_vector(p.bias + d0, nc, 1, 0.0f) : vf{};
           dt_tile(s.dtv, s.dspv, n_t, bias, p.softplus);
           if (p.z) {
-            load_tile(p.z + row0, L, n_t, nc, s.zv);
+            load_tile(p.z + p.sz.at(b, d0, t0), p.sz, n_t, nc, s.zv);
             for (int64_t i = 0; i < n_t; ++i) s.sigv[i] = vsigmoid(s.zv[i]);
           }
           const vf skip = p.D ? lane_vector(p.D + d0, nc, 1, 0.0f) : vf{};
@@ -542,9 +556,9 @@ void scan_bwd_f32(const ScanArgs<float>& p, const vf* ckpt, const float* dy, con
           // 2. Reverse recurrence over the chunk.
           reverse_chunk_f32(s, n_t, N, h0, skip, p.z != nullptr, p.softplus, Bt, Ct,
                             s.carry + j * N, s.dA + j * N, s.dD[j], s.db[j]);
-          store_tile(s.duv, L, n_t, nc, q.du + row0);
-          store_tile(s.ddv, L, n_t, nc, q.ddelta + row0);
-          if (p.z) store_tile(s.dzv, L, n_t, nc, q.dz + row0);
+          store_tile(s.duv, gs.du, n_t, nc, q.du + gs.du.at(b, d0, t0));
+          store_tile(s.ddv, gs.ddelta, n_t, nc, q.ddelta + gs.ddelta.at(b, d0, t0));
+          if (p.z) store_tile(s.dzv, gs.dz, n_t, nc, q.dz + gs.dz.at(b, d0, t0));
         }
         // The chunk's channel-lane partial sums of dB and dC -> this (group, b)'s slab.
         for (int64_t i = 0; i < n_t * N; ++i) {
@@ -599,21 +613,25 @@ void check_args(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& 
   TORCH_CHECK(A.dim() == 2 && A.size(0) == Dm, "selective_scan_cpu: A must be (D, N), got ",
               A.sizes());
   const int64_t N = A.size(1);
-  auto check = [&](const at::Tensor& t, const char* name, at::IntArrayRef shape) {
+  // float reads the (B, D, L) activations in any layout; double and the weights: contiguous.
+  const bool any_layout = u.scalar_type() == at::kFloat;
+  auto check = [&](const at::Tensor& t, const char* name, at::IntArrayRef shape,
+                   bool activation = false) {
     TORCH_CHECK(t.sizes() == shape, "selective_scan_cpu: ", name, " must have shape ", shape,
                 ", got ", t.sizes());
     TORCH_CHECK(t.scalar_type() == u.scalar_type(), "selective_scan_cpu: ", name, " has dtype ",
                 t.scalar_type(), ", expected ", u.scalar_type());
-    TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "selective_scan_cpu: ", name,
-                " must be a contiguous CPU tensor");
+    TORCH_CHECK(t.device().is_cpu(), "selective_scan_cpu: ", name, " must be a CPU tensor");
+    TORCH_CHECK(t.is_contiguous() || (activation && any_layout), "selective_scan_cpu: ", name,
+                " must be contiguous");
   };
-  check(u, "u", {Bm, Dm, L});
-  check(delta, "delta", {Bm, Dm, L});
+  check(u, "u", {Bm, Dm, L}, true);
+  check(delta, "delta", {Bm, Dm, L}, true);
   check(A, "A", {Dm, N});
   check(Bt, "Bt", {Bm, L, N});
   check(Ct, "Ct", {Bm, L, N});
   if (present(D)) check(*D, "D", {Dm});
-  if (present(z)) check(*z, "z", {Bm, Dm, L});
+  if (present(z)) check(*z, "z", {Bm, Dm, L}, true);
   if (present(delta_bias)) check(*delta_bias, "delta_bias", {Dm});
 }
 
@@ -634,9 +652,20 @@ ScanArgs<T> make_args(const at::Tensor& u, const at::Tensor& delta, const at::Te
                      u.size(0),
                      u.size(1),
                      u.size(2),
-                     A.size(1)};
+                     A.size(1),
+                     strides_of(u),
+                     strides_of(delta),
+                     present(z) ? strides_of(*z) : Strides{0, 0, 0}};
 }
 
+
+// An uninitialised (B, D, L) tensor in the memory layout of t: channels-last (B, L, D) memory
+// when t is a channels-last view, else contiguous.
+at::Tensor empty_like_layout(const at::Tensor& t) {
+  if (t.size(1) > 1 && t.stride(1) == 1 && t.size(2) > 1)
+    return at::empty({t.size(0), t.size(2), t.size(1)}, t.options()).transpose(1, 2);
+  return at::empty(t.sizes(), t.options());
+}
 
 // Elements of the checkpoint tensor: (B, D, chunks, N) for double; (B, blocks, chunks, N, kLanes)
 // for float.
@@ -653,7 +682,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd(
     const at::Tensor& Ct, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
     const std::optional<at::Tensor>& delta_bias, bool delta_softplus, bool save_checkpoints) {
   check_args(u, delta, A, Bt, Ct, D, z, delta_bias);
-  at::Tensor y = at::empty(u.sizes(), u.options());
+  at::Tensor y = empty_like_layout(u);
   at::Tensor last = at::empty({u.size(0), u.size(1), A.size(1)}, u.options());
   at::Tensor ckpt = at::empty({save_checkpoints ? checkpoint_numel(u, A.size(1)) : 0}, u.options());
   if (u.scalar_type() == at::kDouble) {
@@ -662,7 +691,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd(
                      save_checkpoints ? ckpt.data_ptr<double>() : nullptr);
   } else {
     scan_fwd_f32(make_args<float>(u, delta, A, Bt, Ct, D, z, delta_bias, delta_softplus),
-                 y.data_ptr<float>(), last.data_ptr<float>(),
+                 y.data_ptr<float>(), strides_of(y), last.data_ptr<float>(),
                  save_checkpoints ? reinterpret_cast<vf*>(ckpt.data_ptr<float>()) : nullptr);
   }
   return {y, last, ckpt};
@@ -679,9 +708,10 @@ selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
                    const std::optional<at::Tensor>& dlast) {
   check_args(u, delta, A, Bt, Ct, D, z, delta_bias);
   const int64_t Bm = u.size(0), Dm = u.size(1), L = u.size(2), N = A.size(1);
-  TORCH_CHECK(dy.sizes() == u.sizes() && dy.scalar_type() == u.scalar_type() && dy.is_contiguous(),
-              "selective_scan_cpu: dy must be a contiguous ", u.scalar_type(), " tensor of shape ",
-              u.sizes());
+  TORCH_CHECK(dy.sizes() == u.sizes() && dy.scalar_type() == u.scalar_type() &&
+                  (dy.is_contiguous() || u.scalar_type() == at::kFloat),
+              "selective_scan_cpu: dy must be a ", u.scalar_type(), " tensor of shape ", u.sizes(),
+              " (contiguous for float64)");
   TORCH_CHECK(checkpoints.numel() == checkpoint_numel(u, N) && checkpoints.is_contiguous() &&
                   checkpoints.scalar_type() == u.scalar_type(),
               "selective_scan_cpu: checkpoints must come from selective_scan_fwd with "
@@ -701,13 +731,13 @@ selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
                              : std::clamp<int64_t>((4 * nt + Bm - 1) / Bm, 1,
                                                    std::max<int64_t>(units, 1));
   const auto opts = u.options();
-  at::Tensor du = at::empty(u.sizes(), opts);
-  at::Tensor ddelta = at::empty(u.sizes(), opts);
+  at::Tensor du = empty_like_layout(u);
+  at::Tensor ddelta = empty_like_layout(delta);
   at::Tensor dA = at::zeros({Dm, N}, opts);
   at::Tensor dBt = at::zeros({groups, Bm, L, N}, opts);
   at::Tensor dCt = at::zeros({groups, Bm, L, N}, opts);
   at::Tensor dD = at::zeros({present(D) ? Dm : 0}, opts);
-  at::Tensor dz = present(z) ? at::empty(u.sizes(), opts) : at::empty({0}, opts);
+  at::Tensor dz = present(z) ? empty_like_layout(*z) : at::empty({0}, opts);
   at::Tensor dbias = at::zeros({present(delta_bias) ? Dm : 0}, opts);
   auto run = [&](auto tag) {
     using T = decltype(tag);
@@ -723,7 +753,9 @@ selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
     const T* dlast_ptr = present(dlast) ? dlast->const_data_ptr<T>() : nullptr;
     const T* ck = checkpoints.const_data_ptr<T>();
     if constexpr (std::is_same_v<T, float>) {
-      scan_bwd_f32(args, reinterpret_cast<const vf*>(ck), dy.const_data_ptr<T>(), dlast_ptr, q,
+      const GradStrides gs{strides_of(dy), strides_of(du), strides_of(ddelta),
+                           present(z) ? strides_of(dz) : Strides{0, 0, 0}};
+      scan_bwd_f32(args, reinterpret_cast<const vf*>(ck), dy.const_data_ptr<T>(), dlast_ptr, q, gs,
                    groups);
     } else {
       scan_bwd<T>(args, ck, dy.const_data_ptr<T>(), dlast_ptr, q, groups);
