@@ -278,27 +278,30 @@ void conv_cl_fwd_kernel(const T* x, const T* wt, const T* bias, bool silu, int64
 
 template <typename T>
 void conv_cl_bwd_kernel(const T* x, const T* wt, const T* bias, bool silu, const T* dy,
-                        int64_t Bm, int64_t L, int64_t Dm, int64_t W, T* g, T* dx, T* dwt,
-                        T* db) {
+                        int64_t Bm, int64_t L, int64_t Dm, int64_t W, T* dx, T* dwt, T* db) {
   const int64_t blocks = (L + kRows - 1) / kRows, items = Bm * blocks;
   const int nt = num_threads_for(items * L * Dm / 65536 + 1);
   std::vector<T> acc_w(static_cast<size_t>(nt) * W * Dm, T(0));
   std::vector<T> acc_b(static_cast<size_t>(nt) * Dm, T(0));
+  // g = d loss / d pre-activation for the kRows steps of a block and the W - 1 after them.
+  const int64_t g_rows = kRows + W - 1;
+  std::vector<T> scratch(static_cast<size_t>(nt) * g_rows * Dm);
 #pragma omp parallel num_threads(nt)
   {
     T* my_w = acc_w.data() + static_cast<size_t>(thread_id()) * W * Dm;
     T* my_b = acc_b.data() + static_cast<size_t>(thread_id()) * Dm;
-    // 1. g = d loss / d pre-activation (recomputed), into the caller's (B, L, D) buffer.
+    T* g = scratch.data() + static_cast<size_t>(thread_id()) * g_rows * Dm;
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t b = item / blocks, t0 = (item % blocks) * kRows;
-      const int64_t t1 = std::min(L, t0 + kRows);
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t row = (b * L + t) * Dm;
-        T* __restrict gr = g + row;
-        const T* __restrict dyr = dy + row;
+      const int64_t t1 = std::min(L, t0 + kRows), j1 = std::min(L, t1 + W - 1);
+      const T* __restrict xb = x + b * L * Dm;
+      // 1. g for steps [t0, j1), the pre-activation recomputed.
+      for (int64_t j = t0; j < j1; ++j) {
+        T* __restrict gr = g + (j - t0) * Dm;
+        const T* __restrict dyr = dy + (b * L + j) * Dm;
         if (silu) {
-          conv_step_cl<T>(x + b * L * Dm, wt, bias, t, Dm, W, gr);
+          conv_step_cl<T>(xb, wt, bias, j, Dm, W, gr);
 #pragma omp simd
           for (int64_t d = 0; d < Dm; ++d) {
             const T sv = gr[d], sig = sigmoid(sv);
@@ -308,14 +311,7 @@ void conv_cl_bwd_kernel(const T* x, const T* wt, const T* bias, bool silu, const
           std::copy(dyr, dyr + Dm, gr);
         }
       }
-    }
-    // 2. dx[t] = sum_k w[k] * g[t + W - 1 - k]; dw[k] += g[t] * x[t - (W - 1) + k]; db += g[t].
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < items; ++item) {
-      const int64_t b = item / blocks, t0 = (item % blocks) * kRows;
-      const int64_t t1 = std::min(L, t0 + kRows);
-      const T* __restrict xb = x + b * L * Dm;
-      const T* __restrict gb = g + b * L * Dm;
+      // 2. dx[t] = sum_k w[k] g[t + W - 1 - k]; dw[k] += g[t] x[t - (W - 1) + k]; db += g[t].
       for (int64_t t = t0; t < t1; ++t) {
         T* __restrict dxr = dx + (b * L + t) * Dm;
         std::fill(dxr, dxr + Dm, T(0));
@@ -323,11 +319,11 @@ void conv_cl_bwd_kernel(const T* x, const T* wt, const T* bias, bool silu, const
           const int64_t j = t + W - 1 - k;
           if (j >= L) continue;
           const T* __restrict wk = wt + k * Dm;
-          const T* __restrict gj = gb + j * Dm;
+          const T* __restrict gj = g + (j - t0) * Dm;
 #pragma omp simd
           for (int64_t d = 0; d < Dm; ++d) dxr[d] += wk[d] * gj[d];
         }
-        const T* __restrict gt = gb + t * Dm;
+        const T* __restrict gt = g + (t - t0) * Dm;
         for (int64_t k = std::max<int64_t>(0, W - 1 - t); k < W; ++k) {
           const T* __restrict xr = xb + (t - (W - 1) + k) * Dm;
           T* __restrict mw = my_w + k * Dm;
@@ -385,7 +381,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_cl_bwd(
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.is_contiguous() && dy.scalar_type() == x.scalar_type(),
               "causal_conv1d_cl: dy must be contiguous and match x");
   at::Tensor dx = at::empty(x.sizes(), x.options());
-  at::Tensor g = at::empty(x.sizes(), x.options());
   at::Tensor dwt = at::zeros({w.size(1), w.size(0)}, w.options());
   at::Tensor db = at::zeros({present(b) ? x.size(2) : 0}, x.options());
   const at::Tensor wt = w.t().contiguous();
@@ -394,7 +389,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_cl_bwd(
     conv_cl_bwd_kernel<T>(x.const_data_ptr<T>(), wt.const_data_ptr<T>(),
                           present(b) ? b->const_data_ptr<T>() : nullptr, silu,
                           dy.const_data_ptr<T>(), x.size(0), x.size(1), x.size(2), w.size(1),
-                          g.data_ptr<T>(), dx.data_ptr<T>(), dwt.data_ptr<T>(),
+                          dx.data_ptr<T>(), dwt.data_ptr<T>(),
                           present(b) ? db.data_ptr<T>() : nullptr);
   };
   if (x.scalar_type() == at::kDouble) run(double{}); else run(float{});
