@@ -58,6 +58,7 @@ from torchrec_mamba.ops import resolve_backend  # noqa: E402
 
 CONFIGS: list[tuple[int, int]] = [(256, 50), (256, 200), (64, 1000), (16, 2000), (8, 8000)]
 PROFILE_ROWS = 12  # ops per model in each profile table
+PROFILE_ITERS = 3  # forward+backward passes per profile; the table shows their mean
 QUICK_CONFIGS: list[tuple[int, int]] = [(256, 50), (256, 200), (16, 2000)]
 MODELS = ("mamba", "sasrec")
 
@@ -148,15 +149,20 @@ def run_worker(args: argparse.Namespace) -> int:
 
 
 def profile_ops(model: torch.nn.Module, once: Any) -> list[dict[str, Any]]:
-    """Self CPU time (ms) and call count per op over one forward+backward, largest first."""
+    """Self CPU time (ms) and calls per op of one forward+backward (mean of PROFILE_ITERS)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        once(model)
+        for _ in range(PROFILE_ITERS):
+            once(model)
     events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
-    total = sum(e.self_cpu_time_total for e in events) / 1e3
+    total = sum(e.self_cpu_time_total for e in events) / 1e3 / PROFILE_ITERS
     ops = [
-        {"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "calls": e.count}
+        {
+            "op": e.key,
+            "self_ms": e.self_cpu_time_total / 1e3 / PROFILE_ITERS,
+            "calls": e.count // PROFILE_ITERS,
+        }
         for e in events
         if e.self_cpu_time_total > 0
     ]
@@ -177,7 +183,7 @@ def print_profiles(rows: list[dict[str, Any]], configs: list[tuple[int, int]]) -
         m, s = by_key[("mamba", length)].get("profile"), by_key[("sasrec", length)].get("profile")
         if not m or not s:
             continue
-        print(f"\nprofile B={batch} L={length}: self CPU ms of one forward+backward "
+        print(f"\nprofile B={batch} L={length}: self CPU ms per forward+backward, mean of {PROFILE_ITERS} "
               f"(scan bwd/fwd {scan_bwd_over_fwd(m):.2f})")  # fmt: skip
         print(
             f"  {'mamba op':<44} {'ms':>8} {'calls':>5} | {'sasrec op':<44} {'ms':>8} {'calls':>5}"

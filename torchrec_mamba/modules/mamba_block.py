@@ -89,6 +89,30 @@ def check_lengths(lengths: object, batch: int, length: int, owner: str) -> Tenso
     return lengths
 
 
+class _ThinLinear(torch.autograd.Function):
+    """``x @ weight.T`` for a thin input (R = ``dt_rank`` columns, e.g. 4): dt_proj.
+
+    PyTorch's backward computes the weight gradient as ``grad.T @ x``, an (E, B*L) @ (B*L, R)
+    product with R = 4 output columns that runs about 8x slower on CPU than the same sums as
+    ``(x.T @ grad).T``; this computes it that way (and reads x contiguous in the forward).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor) -> Tensor:  # type: ignore[override]
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (B * L, R): small
+        ctx.save_for_backward(x2, weight)
+        ctx.shape = x.shape
+        return (x2 @ weight.t()).view(*x.shape[:-1], weight.shape[0])  # (..., E)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
+        x2, weight = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])  # (B * L, E)
+        dx = (g2 @ weight).view(ctx.shape) if ctx.needs_input_grad[0] else None
+        dw = (x2.t() @ g2).t() if ctx.needs_input_grad[1] else None  # (E, R)
+        return dx, dw
+
+
 class MambaBlock(nn.Module):
     """Mamba selective-SSM mixer: (B, L, D) -> (B, L, D), with an O(1)-per-event ``step``.
 
@@ -263,7 +287,7 @@ class MambaBlock(nn.Module):
         u = u.transpose(1, 2)  # (B, L, E)
         x_dbl = F.linear(u, self.x_proj.weight)  # (B, L, R + 2N)
         dt, b_mat, c_mat = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight)  # (B, L, E); bias and softplus in the scan
+        dt = _ThinLinear.apply(dt, self.dt_proj.weight)  # (B, L, E); bias, softplus: in the scan
         A = -torch.exp(self.A_log.to(acc))  # (E, N)
         D = self.D.to(acc)  # (E,)
         dt_bias = self.dt_proj.bias.to(acc)  # (E,)

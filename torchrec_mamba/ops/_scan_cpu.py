@@ -1,8 +1,8 @@
 """Compiled C++ CPU kernels (backend "cpu"): the loader, and the selective scan's autograd wrapper.
 
-One C++ source per op lies beside its Python op (``selective_scan.cpp``, ``causal_conv1d.cpp``,
-``state_update.cpp``, ``dropout.cpp``), with the shared SIMD helpers and the forward recurrence
-in ``kernel_common.h``. They build into one extension, JIT-compiled with
+One C++ source per op lies beside its Python op (``selective_scan.cpp`` with its float32 half
+``selective_scan_f32.cpp``, ``causal_conv1d.cpp``, ``state_update.cpp``, ``dropout.cpp``), with
+the shared SIMD helpers and the forward recurrence in ``kernel_common.h``. They build into one extension, JIT-compiled with
 :func:`torch.utils.cpp_extension.load` the first time it is needed (never at import time), cached
 by torch under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), and reused by
 later processes. If the build fails, a warning is logged once, :func:`is_available` returns
@@ -38,9 +38,15 @@ logger = logging.getLogger(__name__)
 _HERE = Path(__file__).parent
 SOURCES: tuple[Path, ...] = tuple(
     _HERE / name
-    for name in ("selective_scan.cpp", "causal_conv1d.cpp", "state_update.cpp", "dropout.cpp")
+    for name in (
+        "selective_scan.cpp",
+        "selective_scan_f32.cpp",
+        "causal_conv1d.cpp",
+        "state_update.cpp",
+        "dropout.cpp",
+    )
 )
-HEADERS: tuple[Path, ...] = (_HERE / "kernel_common.h",)
+HEADERS: tuple[Path, ...] = (_HERE / "kernel_common.h", _HERE / "selective_scan.h")
 DISABLE_ENV = "TORCHREC_MAMBA_NO_CPU_KERNEL"
 ISA_ENV = "TORCHREC_MAMBA_CPU_ISA"
 
