@@ -30,7 +30,12 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # this checkout's package, not an installed one
+    sys.path.insert(0, str(REPO))
 
 BACKENDS = ("plain", "cpu", "chunked", "reference")
 
