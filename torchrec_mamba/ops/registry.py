@@ -173,7 +173,7 @@ def resolve_backend(
         RuntimeError: a forced backend that is unavailable here; the message says how to fix it.
     """
     if device is None and isinstance(backend, torch.device) and op in BACKENDS:
-        op, backend, device = "selective_scan", op, backend  # legacy (backend, device)
+        op, backend, device = "selective_scan", op, backend  # type: ignore[assignment]  # legacy
     if not isinstance(backend, str) or not isinstance(device, torch.device):
         raise TypeError(
             f"resolve_backend: expected (op: str, backend: str, device: torch.device), got "
