@@ -20,8 +20,10 @@ Usage::
     python benchmarks/encoder_speed.py            # full run (several minutes on 2 cores)
     python benchmarks/encoder_speed.py --quick    # fewer shapes and repeats
 
-Prints a table, the Mamba/SASRec ratios measured in the same run, the goal checks, writes
-``docs/encoder_speed.png`` and ends with one JSON line.
+Prints a table, the Mamba/SASRec ratios measured in the same run, one per-op profile table per
+shape (``torch.profiler``, self CPU time of one forward+backward of each model, in the timing
+process; ``--no-profile`` skips it), the goal checks, writes ``docs/encoder_speed.png`` and ends
+with one JSON line.
 """
 
 from __future__ import annotations
@@ -47,11 +49,16 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from torchrec_mamba.models.sasrec import SASRecEncoder  # noqa: E402
+try:  # the SASRec encoder may live in modules/ (issue 9) or models/ (before)
+    from torchrec_mamba.modules.sasrec import SASRecEncoder  # type: ignore[import-not-found]  # noqa: E402
+except ImportError:
+    from torchrec_mamba.models.sasrec import SASRecEncoder  # noqa: E402
 from torchrec_mamba.modules.encoder import MambaSequenceEncoder  # noqa: E402
 from torchrec_mamba.ops import resolve_backend  # noqa: E402
 
 CONFIGS: list[tuple[int, int]] = [(256, 50), (256, 200), (64, 1000), (16, 2000), (8, 8000)]
+PROFILE_ROWS = 12  # ops per model in each profile table
+PROFILE_ITERS = 3  # forward+backward passes per profile; the table shows their mean
 QUICK_CONFIGS: list[tuple[int, int]] = [(256, 50), (256, 200), (16, 2000)]
 MODELS = ("mamba", "sasrec")
 
@@ -127,6 +134,9 @@ def run_worker(args: argparse.Namespace) -> int:
                     "first_s": first[name],
                 }
             )
+        if args.profile:
+            for row in rows:
+                row["profile"] = profile_ops(models[row["model"]], once)
     for row in rows:
         row.update(
             batch=batch,
@@ -138,6 +148,57 @@ def run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def profile_ops(model: torch.nn.Module, once: Any) -> list[dict[str, Any]]:
+    """Self CPU time (ms) and calls per op of one forward+backward (mean of PROFILE_ITERS)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(PROFILE_ITERS):
+            once(model)
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events) / 1e3 / PROFILE_ITERS
+    ops = [
+        {
+            "op": e.key,
+            "self_ms": e.self_cpu_time_total / 1e3 / PROFILE_ITERS,
+            "calls": e.count // PROFILE_ITERS,
+        }
+        for e in events
+        if e.self_cpu_time_total > 0
+    ]
+    return [{"op": "(all ops)", "self_ms": total, "calls": 0}, *ops]
+
+
+def scan_bwd_over_fwd(profile: list[dict[str, Any]]) -> float:
+    """The selective-scan kernel's backward / forward self time in one profile (nan if absent)."""
+    times = {p["op"].rsplit("::", 1)[-1]: p["self_ms"] for p in profile}
+    fwd, bwd = times.get("selective_scan_fwd"), times.get("selective_scan_bwd")
+    return bwd / fwd if fwd and bwd else float("nan")
+
+
+def print_profiles(rows: list[dict[str, Any]], configs: list[tuple[int, int]]) -> None:
+    """One table per shape: the top ops of Mamba and SASRec side by side."""
+    by_key = {(r["model"], r["length"]): r for r in rows}
+    for batch, length in configs:
+        m, s = by_key[("mamba", length)].get("profile"), by_key[("sasrec", length)].get("profile")
+        if not m or not s:
+            continue
+        print(f"\nprofile B={batch} L={length}: self CPU ms per forward+backward, mean of {PROFILE_ITERS} "
+              f"(scan bwd/fwd {scan_bwd_over_fwd(m):.2f})")  # fmt: skip
+        print(
+            f"  {'mamba op':<44} {'ms':>8} {'calls':>5} | {'sasrec op':<44} {'ms':>8} {'calls':>5}"
+        )
+        for i in range(PROFILE_ROWS + 1):
+            cells = []
+            for prof in (m, s):
+                if i < len(prof):
+                    p = prof[i]
+                    cells.append(f"{p['op'][:44]:<44} {p['self_ms']:>8.1f} {p['calls']:>5}")
+                else:
+                    cells.append(" " * 59)
+            print("  " + " | ".join(cells))
+
+
 def run_subprocess(
     worker: str, batch: int, length: int, mode: str, args: argparse.Namespace
 ) -> list[dict[str, Any]]:
@@ -147,6 +208,8 @@ def run_subprocess(
         "--batch", str(batch), "--length", str(length), "--repeats", str(args.repeats),
         "--backend", args.backend, "--d-model", str(args.d_model), "--budget-s", str(args.budget_s),
     ]  # fmt: skip
+    if args.profile and mode == "time":
+        cmd.append("--profile")
     env = dict(os.environ)
     if mode == "memory":
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
@@ -259,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "encoder_speed.png")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--no-profile", dest="profile", action="store_false",
+                        help="skip the per-op profile tables")  # fmt: skip
+    parser.add_argument("--profile", dest="profile", action="store_true", help=argparse.SUPPRESS)
+    parser.set_defaults(profile=True)
     parser.add_argument("--worker", choices=(*MODELS, "both"), help=argparse.SUPPRESS)
     parser.add_argument(
         "--mode", choices=("time", "memory"), default="time", help=argparse.SUPPRESS
@@ -301,6 +368,13 @@ def main(argv: list[str] | None = None) -> int:
         f"({step['step_speedup_vs_sasrec_reencode']:.0f}x)"
     )
 
+    if args.profile:
+        print_profiles(rows, configs)
+    scan_ratios = {
+        str(r["length"]): scan_bwd_over_fwd(r["profile"])
+        for r in rows
+        if r["model"] == "mamba" and r.get("profile")
+    }
     per_token = [
         r["peak_mb"] * 1024 / (r["batch"] * r["length"])
         for r in rows
@@ -310,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         "L2000_time_ratio_le_0.5": ratios.get("2000", {}).get("time", float("nan")) <= 0.5,
         "L200_time_ratio_le_1.0": ratios.get("200", {}).get("time", float("nan")) <= 1.0,
         "step_speedup_ge_50": step["step_speedup_vs_mamba_reencode"] >= 50,
+        # Every shape: the scan kernel's backward at most 3x its forward (self CPU time).
+        "scan_bwd_le_3x_fwd": bool(scan_ratios) and max(scan_ratios.values()) <= 3.0,
         # Linear in L: memory per token (B*L) stays within a factor 1.5 from L=200 up.
         "mamba_memory_linear": bool(per_token) and max(per_token) <= 1.5 * min(per_token),
     }
@@ -320,7 +396,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plot: {args.plot}")
     print(
         json.dumps(
-            {"rows": rows, "ratios": ratios, "step": step, "goals": goals, "backend": backend}
+            {
+                "rows": rows,
+                "ratios": ratios,
+                "scan_bwd_over_fwd": scan_ratios,
+                "step": step,
+                "goals": goals,
+                "backend": backend,
+            }
         )
     )
     return 0

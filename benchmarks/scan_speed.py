@@ -30,7 +30,12 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # this checkout's package, not an installed one
+    sys.path.insert(0, str(REPO))
 
 BACKENDS = ("plain", "cpu", "chunked", "reference")
 
@@ -219,14 +224,14 @@ def kernel_cpu_time(shapes: list[Shape], repeats: int) -> list[dict[str, Any]]:
             ct = t["C"].transpose(1, 2).contiguous()  # (B, L, N)
             dy = torch.randn_like(t["u"])  # (B, D, L)
             args = (t["u"], t["delta"], t["A"], bt, ct, t["D"], t["z"], t["delta_bias"], True)
-            ops.selective_scan_fwd(*args)  # warm-up
-            ops.selective_scan_bwd(*args, dy, None)
+            ckpt = ops.selective_scan_fwd(*args, True)[2]  # warm-up; state checkpoints
+            ops.selective_scan_bwd(*args, ckpt, dy, None)
             fwd, bwd = [], []
             for _ in range(repeats):
                 start = time.process_time()
-                ops.selective_scan_fwd(*args)
+                ckpt = ops.selective_scan_fwd(*args, True)[2]
                 mid = time.process_time()
-                ops.selective_scan_bwd(*args, dy, None)
+                ops.selective_scan_bwd(*args, ckpt, dy, None)
                 fwd.append(mid - start)
                 bwd.append(time.process_time() - mid)
         updates = shape.size()
@@ -236,12 +241,13 @@ def kernel_cpu_time(shapes: list[Shape], repeats: int) -> list[dict[str, Any]]:
             "bwd_ms": statistics.median(bwd) * 1e3,
             "fwd_ns_per_update": statistics.median(fwd) / updates * 1e9,
             "bwd_ns_per_update": statistics.median(bwd) / updates * 1e9,
+            "bwd_over_fwd": statistics.median(bwd) / statistics.median(fwd),
             "isa": _scan_cpu._arch_flags()[0],
         }
         print(
             f"[kernel] {row['shape']} ({row['isa']}): fwd {row['fwd_ms']:.1f} ms "
             f"({row['fwd_ns_per_update']:.2f} ns/update), bwd {row['bwd_ms']:.1f} ms "
-            f"({row['bwd_ns_per_update']:.2f} ns/update)"
+            f"({row['bwd_ns_per_update']:.2f} ns/update), bwd/fwd {row['bwd_over_fwd']:.2f}"
         )
         rows.append(row)
     return rows

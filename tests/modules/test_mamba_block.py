@@ -252,3 +252,44 @@ def test_allocate_state_shapes_and_dtypes() -> None:
     assert state.ssm_state.dtype == torch.float32
     assert not state.conv_state.any() and not state.ssm_state.any()
     assert block.dt_rank == math.ceil(8 / 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("length", [2, 70])
+def test_channels_last_layout_keeps_outputs_and_gradients(dtype: torch.dtype, length: int) -> None:
+    """The channels-last block (plain GEMMs, kernels on (B, L, E) memory) against the fp64
+    oracle: the output and the gradient of the input and of every parameter."""
+    block = make_block("auto").to(dtype)
+    oracle_block = make_block("reference").double()
+    x = torch.randn(3, length, D_MODEL, dtype=dtype, requires_grad=True)
+    x_ref = x.detach().double().requires_grad_()
+    gy = torch.randn(3, length, D_MODEL, dtype=torch.float64)
+    y = block(x)
+    (y.double() * gy).sum().backward()
+    y_ref = oracle_with_grad(oracle_block, x_ref)
+    (y_ref * gy).sum().backward()
+    tol = TOL if dtype == torch.float32 else {"atol": 1e-9, "rtol": 1e-8}
+    assert_close(y.double(), y_ref, **tol)
+    assert_close(x.grad.double(), x_ref.grad, **tol)
+    ref_params = dict(oracle_block.named_parameters())
+    for name, p in block.named_parameters():
+        assert p.grad is not None, name
+        assert_close(p.grad.double(), ref_params[name].grad, **tol, msg=name)
+
+
+def oracle_with_grad(block: MambaBlock, x: torch.Tensor) -> torch.Tensor:
+    """:func:`oracle`'s fp64 math on the block's own parameters, so autograd reaches them."""
+    p = dict(block.named_parameters())
+    length = x.shape[1]
+    xz = F.linear(x, p["in_proj.weight"]).transpose(1, 2)  # (B, 2E, L)
+    u, z = xz.chunk(2, dim=1)
+    u = F.conv1d(
+        u, p["conv1d.weight"], p["conv1d.bias"], padding=block.d_conv - 1, groups=block.d_inner
+    )
+    u = F.silu(u[..., :length])  # (B, E, L)
+    x_dbl = F.linear(u.transpose(1, 2), p["x_proj.weight"])  # (B, L, R + 2N)
+    dt, b_mat, c_mat = x_dbl.split([block.dt_rank, block.d_state, block.d_state], dim=-1)
+    delta = F.softplus(F.linear(dt, p["dt_proj.weight"], p["dt_proj.bias"])).transpose(1, 2)
+    A = -torch.exp(p["A_log"])
+    y = selective_scan_ref(u, delta, A, b_mat.transpose(1, 2), c_mat.transpose(1, 2), D=p["D"], z=z)
+    return F.linear(y.transpose(1, 2), p["out_proj.weight"])  # (B, L, D)

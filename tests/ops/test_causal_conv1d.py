@@ -230,6 +230,32 @@ def test_cpu_kernel_any_width_matches_reference(
             torch.testing.assert_close(g, g_ref, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("width", "length"), [(1, 5), (3, 2), (4, 9), (4, 130)])
+def test_cpu_kernel_channels_last_matches_reference(
+    width: int, length: int, dtype: torch.dtype
+) -> None:
+    """A (B, D, L) view of (B, L, D) memory takes the channels-last kernel: same values and
+    gradients, and the output keeps that layout."""
+    from torchrec_mamba.ops import _scan_cpu
+
+    if not _scan_cpu.is_available():
+        pytest.skip(f"the C++ CPU kernel failed to build: {_scan_cpu.build_error()}")
+    x, w, b = _inputs(3, 19, length, width, dtype, bias=True, seed=4)
+    x_cl = x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    for activation in (None, "silu"):
+        y = causal_conv1d(x_cl, w, b, activation)
+        assert "CausalConv1dCLCPU" in type(y.grad_fn.next_functions[0][0]).__name__
+        assert y.transpose(1, 2).is_contiguous(), "channels-last in, channels-last out"
+        y_ref = causal_conv1d_ref(x, w, b, activation)
+        torch.testing.assert_close(y, y_ref, **TOL[dtype])
+        gy = torch.randn_like(y_ref)
+        grads = torch.autograd.grad(y, (x_cl, w, b), gy)
+        grads_ref = torch.autograd.grad(y_ref, (x, w, b), gy)
+        for g, g_ref in zip(grads, grads_ref, strict=True):
+            torch.testing.assert_close(g, g_ref, **TOL[dtype])
+
+
 def test_cpu_kernel_double_backward_raises() -> None:
     from torchrec_mamba.ops import _scan_cpu
 

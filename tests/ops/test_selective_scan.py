@@ -166,6 +166,51 @@ def test_matches_reference(
     assert_matches(got, want, TOL[dtype])
 
 
+# The cpu backward recomputes the states chunk by chunk (64 steps) from checkpoints the forward
+# keeps: lengths at, just past and across chunk boundaries; D = 19 leaves a partial channel
+# block (16 or 8 lanes); B = 1 splits the channels into groups across threads.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize(
+    "shape", [(1, 19, 64, 5), (3, 19, 65, 32), (2, 33, 130, 16), (1, 40, 200, 3)]
+)
+def test_chunk_boundaries(backend: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    inputs = make_inputs(*shape, dtype)
+    got = run_scan(with_backend(backend), inputs, True)
+    want = run_scan(selective_scan_ref, inputs, True)
+    assert_matches(got, want, TOL[dtype])
+
+
+@pytest.mark.parametrize("length", [1, 9, 130])
+def test_channels_last_views(cpu_kernel: None, length: int) -> None:
+    """fp32 u, delta and z as (B, D, L) views of (B, L, D) memory (the Mamba block's layout):
+    read in place, results in that layout, everything equal to the reference."""
+    base = make_inputs(2, 19, length, 6)
+
+    def channels_last(t: Tensor) -> Tensor:
+        return t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+
+    views = {k: channels_last(v) if k in ("u", "delta", "z") else v for k, v in base.items()}
+    got = run_scan(with_backend("cpu"), views, True)
+    want = run_scan(selective_scan_ref, base, True)
+    assert_matches(got, want, TOL[torch.float32])
+    if length > 1:
+        assert got[0].transpose(1, 2).is_contiguous(), "y keeps u's channels-last layout"
+        for name in ("u", "delta", "z"):
+            assert got[2][name].transpose(1, 2).is_contiguous(), f"d{name} keeps its layout"
+
+
+def test_no_checkpoints_without_grad(cpu_kernel: None) -> None:
+    """Inference keeps no state checkpoints; a backward with wrong ones is refused, not wrong."""
+    t = {k: None if v is None else v.detach() for k, v in make_inputs(2, 3, 70, 4).items()}
+    bt, ct = t["B"].transpose(1, 2).contiguous(), t["C"].transpose(1, 2).contiguous()
+    args = (t["u"], t["delta"], t["A"], bt, ct, t["D"], t["z"], t["delta_bias"], True)
+    ops = _scan_cpu.kernel_ops()
+    assert ops.selective_scan_fwd(*args, False)[2].numel() == 0
+    assert ops.selective_scan_fwd(*args, True)[2].numel() > 0
+    with pytest.raises(RuntimeError, match="checkpoints must come from selective_scan_fwd"):
+        ops.selective_scan_bwd(*args, torch.empty(0), torch.ones_like(t["u"]), None)
+
+
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=["w-fp32", "w-bf16"])
 def test_bf16_inputs(backend: str, weight_dtype: torch.dtype) -> None:
     inputs = make_inputs(2, 4, 19, 6, torch.bfloat16, weight_dtype=weight_dtype)

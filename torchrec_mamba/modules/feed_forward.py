@@ -9,81 +9,28 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchrec_mamba.ops import _scan_cpu
+# _scan_cpu stays importable from here: tests stub its kernel_ops to run without the kernel.
+from torchrec_mamba.ops import _scan_cpu  # noqa: F401
+from torchrec_mamba.ops.dropout import dropout as _dropout
 
 __all__ = ["FastDropout", "FeedForward"]
-
-_INT16_SPAN = 65536
-
-
-class _DropoutFunction(torch.autograd.Function):
-    """Inverted dropout from 16-bit uniforms carved out of 64-bit random words.
-
-    Saves the 16-bit draws (2 bytes per element) and rebuilds the mask in the backward; the mask
-    is applied by :func:`_apply_mask`.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, p: float) -> Tensor:  # type: ignore[override]
-        threshold = round(p * _INT16_SPAN) - _INT16_SPAN // 2  # P(uniform16 >= threshold) = 1 - p
-        scale = 1.0 / (1.0 - p)
-        ctx.threshold, ctx.scale = threshold, scale
-        ops = _kernel_for(x)
-        if ops is not None:
-            # One fused pass: counter-based 16-bit draws from a seed taken from torch's generator.
-            seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
-            out, uniform16 = ops.dropout_fwd(x.contiguous(), seed, threshold, scale)
-            ctx.save_for_backward(uniform16)
-            return out
-        n = x.numel()
-        # One 64-bit draw gives four 16-bit uniforms: 4x fewer RNG calls than bernoulli_.
-        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device)
-        words.random_(-(2**63), 2**63 - 1)
-        uniform16 = words.view(torch.int16)[:n].view(x.shape)  # uniform on [-32768, 32767]
-        ctx.save_for_backward(uniform16)
-        return _apply_mask(x, uniform16, threshold, scale)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        (uniform16,) = ctx.saved_tensors
-        return _apply_mask(grad, uniform16, ctx.threshold, ctx.scale), None
-
-
-def _kernel_for(x: Tensor) -> Any:
-    """The compiled CPU ops when they can run ``x`` (fp32/fp64 on CPU), else None."""
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
-        return _scan_cpu.kernel_ops()
-    return None
-
-
-def _apply_mask(x: Tensor, uniform16: Tensor, threshold: int, scale: float) -> Tensor:
-    """``(uniform16 >= threshold) * x * scale``: one fused pass in the compiled CPU kernel for
-    fp32/fp64 tensors, else the comparison written straight into an x-dtype buffer (several
-    times faster on CPU than multiplying by a bool mask) and two in-place multiplies."""
-    ops = _kernel_for(x)
-    if ops is not None:
-        return ops.dropout_apply(x.contiguous(), uniform16.contiguous(), threshold, scale)
-    out = torch.ge(uniform16, threshold, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
-    return out.mul_(x).mul_(scale)  # keep * x / (1 - p), in the mask's buffer
 
 
 class FastDropout(nn.Module):
     """Drop-in ``nn.Dropout`` that is several times faster on CPU and keeps half the memory.
 
-    PyTorch's CPU dropout draws one ``bernoulli_`` float per element and keeps that float noise
-    tensor for the backward (4 bytes per element); this uses 16-bit uniforms, four per 64-bit
-    random word, and keeps those (2 bytes per element). With the compiled CPU kernel (fp32/fp64)
-    the words come from a counter-based hash (splitmix64) of one seed and the element index, in
-    the same pass that applies the mask; otherwise from ``Tensor.random_``. The drop probability
-    is ``p`` rounded to a multiple of 1/65536. The seed (or the words) comes from torch's default
-    generator, so ``torch.manual_seed`` makes it reproducible. On other devices it calls
-    ``F.dropout``.
+    It calls :func:`torchrec_mamba.ops.dropout.dropout`: 16-bit uniforms, four per 64-bit random
+    word, kept for the backward (2 bytes per element, against 4 for ``nn.Dropout``), drawn and
+    applied in one pass by the compiled CPU kernel for fp32/fp64. The drop probability is ``p``
+    rounded to a multiple of 1/65536; ``torch.manual_seed`` makes it reproducible. The backend
+    is chosen by the one kernel registry (:mod:`torchrec_mamba.ops.registry`).
 
     Args:
         p (float): drop probability in [0, 1). Default: 0.5.
+        backend (str): "auto", "fused", "cpu", "chunked" or "reference"; see
+            :func:`~torchrec_mamba.ops.dropout.dropout`. Default: "auto".
 
     Example::
 
@@ -97,22 +44,21 @@ class FastDropout(nn.Module):
         Tensor: the input's shape.
     """
 
-    def __init__(self, p: float = 0.5) -> None:
+    def __init__(self, p: float = 0.5, backend: str = "auto") -> None:
         super().__init__()
         if not 0.0 <= p < 1.0:
             raise ValueError(f"FastDropout: p must be in [0, 1), got {p}")
         self.p = p
+        self.backend = backend
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply dropout in training mode; the identity in eval mode or for p == 0."""
         if not self.training or self.p == 0.0:
             return x
-        if x.device.type != "cpu":
-            return F.dropout(x, self.p, training=True)
-        return _DropoutFunction.apply(x, self.p)
+        return _dropout(x, self.p, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}"
+        return f"p={self.p}" if self.backend == "auto" else f"p={self.p}, backend={self.backend!r}"
 
 
 class FeedForward(nn.Module):

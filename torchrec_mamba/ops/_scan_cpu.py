@@ -1,6 +1,8 @@
-"""Compiled C++ CPU selective scan (backend "cpu") with a hand-written backward.
+"""Compiled C++ CPU kernels (backend "cpu"): the loader, and the selective scan's autograd wrapper.
 
-The kernel lives in ``selective_scan_cpu.cpp`` beside this file. It is JIT-compiled with
+One C++ source per op lies beside its Python op (``selective_scan.cpp`` with its float32 half
+``selective_scan_f32.cpp``, ``causal_conv1d.cpp``, ``state_update.cpp``, ``dropout.cpp``), with
+the shared SIMD helpers and the forward recurrence in ``kernel_common.h``. They build into one extension, JIT-compiled with
 :func:`torch.utils.cpp_extension.load` the first time it is needed (never at import time), cached
 by torch under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), and reused by
 later processes. If the build fails, a warning is logged once, :func:`is_available` returns
@@ -9,16 +11,19 @@ False, :func:`build_error` says why, and ``backend="auto"`` falls back to "chunk
 Set ``TORCHREC_MAMBA_NO_CPU_KERNEL=1`` to skip the build (the "cpu" backend then reports itself
 unavailable).
 
-The forward keeps no states; the backward recomputes them per (batch row, channel) into a
-thread-local L x N buffer, so memory is linear in L. Arguments are validated by
+The forward keeps a checkpoint of the state every 64 steps (when a gradient is needed); the
+backward recomputes one chunk of states at a time from them into a cache-resident buffer, so
+memory is linear in L and the backward's working set does not grow with L. Arguments are validated by
 :func:`torchrec_mamba.ops.selective_scan.check_scan_args` before they reach :func:`selective_scan`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +35,18 @@ from torchrec_mamba.ops.selective_scan import accumulate_dtype
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("selective_scan_cpu.cpp")
+_HERE = Path(__file__).parent
+SOURCES: tuple[Path, ...] = tuple(
+    _HERE / name
+    for name in (
+        "selective_scan.cpp",
+        "selective_scan_f32.cpp",
+        "causal_conv1d.cpp",
+        "state_update.cpp",
+        "dropout.cpp",
+    )
+)
+HEADERS: tuple[Path, ...] = (_HERE / "kernel_common.h", _HERE / "selective_scan.h")
 DISABLE_ENV = "TORCHREC_MAMBA_NO_CPU_KERNEL"
 ISA_ENV = "TORCHREC_MAMBA_CPU_ISA"
 
@@ -71,7 +87,7 @@ class KernelLoader:
     """Builds and loads the C++ extension once, lazily and thread-safely.
 
     Args:
-        source (Path): the C++ source file. Default: ``selective_scan_cpu.cpp`` beside this file.
+        sources (Path | Sequence[Path]): the C++ source files. Default: :data:`SOURCES`.
         name (str): base name of the extension (an ISA tag is appended). Default:
             ``"torchrec_mamba_scan_cpu"``.
 
@@ -84,8 +100,10 @@ class KernelLoader:
         True
     """
 
-    def __init__(self, source: Path = SOURCE, name: str = "torchrec_mamba_scan_cpu") -> None:
-        self.source = source
+    def __init__(
+        self, sources: Path | Sequence[Path] = SOURCES, name: str = "torchrec_mamba_scan_cpu"
+    ) -> None:
+        self.sources = (sources,) if isinstance(sources, Path) else tuple(sources)
         self.name = name
         self._lock = threading.Lock()
         self._tried = False
@@ -95,15 +113,27 @@ class KernelLoader:
     def _build(self) -> Any:
         if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
             raise RuntimeError(f"disabled by the environment variable {DISABLE_ENV}")
-        if not self.source.is_file():
-            raise FileNotFoundError(f"kernel source {self.source} not found")
+        for source in self.sources:
+            if not source.is_file():
+                raise FileNotFoundError(f"kernel source {source} not found")
         from torch.utils.cpp_extension import load
 
         tag, arch = _arch_flags()
+        # torch rebuilds when a source or a flag changes, not a header: put the header's hash
+        # into the flags so that an edit to it rebuilds too.
+        digest = hashlib.sha1(b"".join(h.read_bytes() for h in HEADERS)).hexdigest()[:12]
         load(
             name=f"{self.name}_{tag}",
-            sources=[str(self.source)],
-            extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", "-DNDEBUG", *arch],
+            sources=[str(source) for source in self.sources],
+            extra_include_paths=[str(_HERE)],
+            extra_cflags=[
+                "-O3",
+                "-fopenmp",
+                "-fno-trapping-math",
+                "-DNDEBUG",
+                f"-DTRM_HEADERS={digest}",
+                *arch,
+            ],  # fmt: skip
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
@@ -182,8 +212,11 @@ class _SelectiveScanCPU(torch.autograd.Function):
         delta_softplus: bool,
     ) -> tuple[Tensor, Tensor]:
         ops = _LOADER.get()
-        y, last = ops.selective_scan_fwd(u, delta, A, Bt, Ct, D, z, delta_bias, delta_softplus)
-        ctx.save_for_backward(u, delta, A, Bt, Ct, D, z, delta_bias)
+        grad = any(ctx.needs_input_grad)
+        y, last, ckpt = ops.selective_scan_fwd(
+            u, delta, A, Bt, Ct, D, z, delta_bias, delta_softplus, grad
+        )  # ckpt: the state every 64 steps, for the backward's recompute
+        ctx.save_for_backward(u, delta, A, Bt, Ct, D, z, delta_bias, ckpt)
         ctx.delta_softplus = delta_softplus
         ctx.set_materialize_grads(False)
         return y, last  # (B, D, L), (B, D, N)
@@ -193,15 +226,17 @@ class _SelectiveScanCPU(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, dy: Tensor | None, dlast: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        u, delta, A, Bt, Ct, D, z, delta_bias = ctx.saved_tensors
+        u, delta, A, Bt, Ct, D, z, delta_bias, ckpt = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(u)
-        dy = dy.to(u.dtype).contiguous()  # (B, D, L)
+        dy = dy.to(u.dtype)  # (B, D, L); float reads any layout, double needs contiguous
+        if dy.dtype == torch.float64:
+            dy = dy.contiguous()
         if dlast is not None:
             dlast = dlast.to(u.dtype).contiguous()  # (B, D, N)
         ops = _LOADER.get()
         du, ddelta, dA, dBt, dCt, dD, dz, dbias = ops.selective_scan_bwd(
-            u, delta, A, Bt, Ct, D, z, delta_bias, ctx.delta_softplus, dy, dlast
+            u, delta, A, Bt, Ct, D, z, delta_bias, ctx.delta_softplus, ckpt, dy, dlast
         )
         need = ctx.needs_input_grad
         return (
@@ -231,8 +266,11 @@ def selective_scan(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Selective scan on the compiled CPU kernel; arguments as in :func:`selective_scan`.
 
-    Inputs are cast to the accumulate dtype (fp32, or fp64 for fp64 inputs) and made contiguous,
-    with B and C transposed to (B, L, N); autograd casts each gradient back to its input's dtype.
+    Inputs are cast to the accumulate dtype (fp32, or fp64 for fp64 inputs); fp64 ones are made
+    contiguous, fp32 activations (u, delta, z) are read in their own layout, and the outputs and
+    their gradients come back in that layout (a channels-last view gives channels-last results).
+    B and C are transposed to contiguous (B, L, N); autograd casts each gradient back to its
+    input's dtype.
 
     Args:
         u (Tensor): (B, D, L) input.
@@ -269,10 +307,25 @@ def selective_scan(
     def prep(t: Tensor | None) -> Tensor | None:
         return None if t is None else t.to(acc).contiguous()
 
+    def prep_activation(t: Tensor | None) -> Tensor | None:
+        # The float kernel reads (B, D, L) activations in any layout (the Mamba block passes
+        # channels-last views of its (B, L, E) projections): no copy. Double: contiguous.
+        if t is None or acc == torch.float32:
+            return None if t is None else t.to(acc)
+        return prep(t)
+
     Bt = B.to(acc).transpose(1, 2).contiguous()  # (B, L, N)
     Ct = C.to(acc).transpose(1, 2).contiguous()  # (B, L, N)
     y, last = _SelectiveScanCPU.apply(
-        prep(u), prep(delta), prep(A), Bt, Ct, prep(D), prep(z), prep(delta_bias), delta_softplus
+        prep_activation(u),
+        prep_activation(delta),
+        prep(A),
+        Bt,
+        Ct,
+        prep(D),
+        prep_activation(z),
+        prep(delta_bias),
+        delta_softplus,
     )
     y = y.to(u.dtype)  # (B, D, L)
     return (y, last) if return_last_state else y

@@ -6,7 +6,8 @@ Position ``t`` of the output sees inputs ``t - W + 1 .. t`` of its own channel o
 
     y[b, d, t] = act(bias[d] + sum_k weight[d, k] * x[b, d, t - (W - 1) + k])   (x[.., < 0] = 0)
 
-Dispatch: causal-conv1d's CUDA kernels when importable, on CUDA, and the dtypes fit them
+Dispatch (through :func:`~torchrec_mamba.ops.registry.resolve_backend`, as for every op):
+causal-conv1d's CUDA kernels when importable, on CUDA, and the dtypes fit them
 (fp16/bf16/fp32, weight in x's dtype, 2 <= W <= 4); on CPU with fp32 or fp64 tensors of one
 dtype, the compiled kernel of :mod:`._scan_cpu` (a fused conv + SiLU forward and a hand-written
 backward that recomputes the pre-activation; about 3x faster than ``F.conv1d`` at Mamba's
@@ -25,6 +26,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from torchrec_mamba.ops import _scan_cpu
+from torchrec_mamba.ops.registry import resolve_backend
 from torchrec_mamba.ops.selective_scan import accumulate_dtype
 
 logger = logging.getLogger(__name__)
@@ -112,18 +114,71 @@ def _activate(y: Tensor, activation: str | None) -> Tensor:
     return F.silu(y) if activation in ("silu", "swish") else y
 
 
-def _use_kernel(
-    fn: object, x: Tensor, weight: Tensor, bias: Tensor | None, *others: Tensor
-) -> bool:
-    """Whether causal-conv1d's CUDA kernel can run these tensors exactly as given."""
-    return (
-        fn is not None
-        and x.is_cuda
-        and x.dtype in _KERNEL_DTYPES
-        and weight.shape[1] in _KERNEL_WIDTHS
-        and all(t.dtype == x.dtype for t in (weight, *others) if t is not None)
-        and (bias is None or bias.dtype == x.dtype)
+class _CausalConv1dCLCPU(torch.autograd.Function):
+    """The compiled CPU conv on channels-last (B, L, D) memory, vectorised over channels."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x_cl: Tensor, weight: Tensor, bias: Tensor | None, silu: bool
+    ) -> Tensor:
+        ctx.save_for_backward(x_cl, weight, bias)
+        ctx.silu = silu
+        return _scan_cpu.kernel_ops().causal_conv1d_cl_fwd(x_cl, weight, bias, silu)  # (B, L, D)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x_cl, weight, bias = ctx.saved_tensors
+        dx, dw, db = _scan_cpu.kernel_ops().causal_conv1d_cl_bwd(
+            x_cl, weight, bias, ctx.silu, dy.contiguous()
+        )
+        need = ctx.needs_input_grad
+        return (
+            dx if need[0] else None,
+            dw if need[1] else None,
+            db if bias is not None and need[2] else None,
+            None,
+        )
+
+
+def _channels_last(x: Tensor) -> bool:
+    """Whether x (B, D, L) is a view of contiguous (B, L, D) memory (and not also contiguous)."""
+    return x.shape[1] > 1 and x.shape[2] > 1 and x.transpose(1, 2).is_contiguous()
+
+
+def _unfit(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    conv_state: Tensor | None = None,
+    needs_grad: bool = False,
+) -> dict[str, str]:
+    """Why the fused (CUDA) and cpu kernels cannot run these tensors, for the registry."""
+    one_dtype = all(t.dtype == x.dtype for t in (weight, bias, conv_state) if t is not None)
+    unfit: dict[str, str] = {}
+    fused = []
+    if x.dtype not in _KERNEL_DTYPES:
+        fused.append(f"x dtype {x.dtype} (needs fp16/bf16/fp32)")
+    if weight.shape[1] not in _KERNEL_WIDTHS:
+        fused.append(f"width W={weight.shape[1]} (needs 2 <= W <= 4)")
+    cpu = (
+        []
+        if x.dtype in (torch.float32, torch.float64)
+        else [f"x dtype {x.dtype} (needs fp32/fp64)"]
     )
+    if not one_dtype:
+        fused.append("weights, bias or conv_state of another dtype than x")
+        cpu.append("weights, bias or conv_state of another dtype than x")
+    if needs_grad:  # the one-step kernels have no backward
+        fused.append("a gradient is needed and the kernel has no backward")
+        cpu.append("a gradient is needed and the kernel has no backward")
+    if conv_state is not None and not conv_state.is_contiguous():
+        cpu.append("a non-contiguous conv_state")
+    if fused:
+        unfit["fused"] = ", ".join(fused)
+    if cpu:
+        unfit["cpu"] = ", ".join(cpu)
+    return unfit
 
 
 class _CausalConv1dCPU(torch.autograd.Function):
@@ -151,17 +206,6 @@ class _CausalConv1dCPU(torch.autograd.Function):
             db if bias is not None and need[2] else None,
             None,
         )
-
-
-def _use_cpu_kernel(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    """Whether the compiled CPU kernel can run these tensors (fp32 or fp64, one dtype)."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-        and weight.dtype == x.dtype
-        and (bias is None or bias.dtype == x.dtype)
-        and _scan_cpu.is_available()
-    )
 
 
 def causal_conv1d_ref(
@@ -200,7 +244,12 @@ def causal_conv1d_ref(
 
 
 def causal_conv1d(
-    x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    activation: str | None = None,
+    *,
+    backend: str = "auto",
 ) -> Tensor:
     """Depthwise causal conv1d with an optional SiLU, same semantics as ``causal_conv1d_fn``.
 
@@ -209,6 +258,8 @@ def causal_conv1d(
         weight (Tensor): (D, W) per-channel taps; ``weight[:, -1]`` multiplies the current step.
         bias (Tensor, optional): (D,) bias. Default: None.
         activation (str, optional): None, "silu" or "swish" (the same). Default: None.
+        backend (str): "auto", "fused", "cpu", "chunked" (``F.conv1d``) or "reference"; see
+            :mod:`~torchrec_mamba.ops.registry`. Default: "auto".
 
     Example::
 
@@ -221,13 +272,21 @@ def causal_conv1d(
         Tensor: (B, D, L) in x's dtype.
     """
     check_conv_args(x, weight, bias, activation)
-    from torchrec_mamba.ops import _fused
+    choice = resolve_backend("causal_conv1d", backend, x.device, _unfit(x, weight, bias))
+    if choice == "reference":
+        return causal_conv1d_ref(x, weight, bias, activation)
+    if choice == "fused":  # pragma: no cover - CUDA only
+        from torchrec_mamba.ops import _fused
 
-    if _use_kernel(_fused.causal_conv1d_fn, x, weight, bias):  # pragma: no cover - CUDA only
         if x.stride(2) != 1 and x.stride(1) != 1:
             x = x.contiguous()
         return _fused.causal_conv1d_fn(x, weight, bias, activation=activation)
-    if _use_cpu_kernel(x, weight, bias):
+    if choice == "cpu":
+        silu = activation in ("silu", "swish")
+        if _channels_last(x):  # the layout of the Mamba block's projections: no transposes
+            b = None if bias is None else bias.contiguous()
+            y_cl = _CausalConv1dCLCPU.apply(x.transpose(1, 2), weight.contiguous(), b, silu)
+            return y_cl.transpose(1, 2)  # (B, D, L) view of (B, L, D) memory
         return _CausalConv1dCPU.apply(
             x.contiguous(),
             weight.contiguous(),
@@ -290,6 +349,8 @@ def causal_conv1d_update(
     weight: Tensor,
     bias: Tensor | None = None,
     activation: str | None = None,
+    *,
+    backend: str = "auto",
 ) -> Tensor:
     """One step of :func:`causal_conv1d` for streaming inference; updates ``conv_state`` in place.
 
@@ -306,6 +367,8 @@ def causal_conv1d_update(
         weight (Tensor): (D, W) per-channel taps.
         bias (Tensor, optional): (D,) bias. Default: None.
         activation (str, optional): None, "silu" or "swish". Default: None.
+        backend (str): "auto", "fused", "cpu", "chunked" or "reference"; "fused" and "cpu"
+            have no backward, so "auto" skips them when a gradient is needed. Default: "auto".
 
     Example::
 
@@ -319,22 +382,18 @@ def causal_conv1d_update(
         Tensor: (B, D) output for this step, in x's dtype.
     """
     check_conv_update_args(x, conv_state, weight, bias, activation)
-    from torchrec_mamba.ops import _fused
-
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias)
+        t is not None and t.requires_grad for t in (x, conv_state, weight, bias)
     )
-    if not needs_grad and _use_kernel(_fused.causal_conv1d_update_fn, x, weight, bias, conv_state):
-        return _fused.causal_conv1d_update_fn(
-            x, conv_state, weight, bias, activation
-        )  # pragma: no cover
-    if (
-        not needs_grad
-        and not conv_state.requires_grad
-        and conv_state.dtype == x.dtype
-        and conv_state.is_contiguous()
-        and _use_cpu_kernel(x, weight, bias)
-    ):
+    unfit = _unfit(x, weight, bias, conv_state, needs_grad)
+    choice = resolve_backend("causal_conv1d_update", backend, x.device, unfit)
+    if choice == "reference":
+        return causal_conv1d_update_ref(x, conv_state, weight, bias, activation)
+    if choice == "fused":  # pragma: no cover - CUDA only
+        from torchrec_mamba.ops import _fused
+
+        return _fused.causal_conv1d_update_fn(x, conv_state, weight, bias, activation)
+    if choice == "cpu":
         return _scan_cpu.kernel_ops().causal_conv1d_update_cpu(
             x.contiguous(),
             conv_state,

@@ -10,7 +10,7 @@ The recurrence, for every batch row b, channel d and state index n::
     y[b, d, t]   = sum_n C[b, n, t] * h[b, d, n] + D[d] * u[b, d, t]
     y[b, d, t]  *= silu(z[b, d, t])                                  (gate optional)
 
-Backends (chosen here and nowhere else):
+Backends (chosen by :func:`~torchrec_mamba.ops.registry.resolve_backend`, as for every op):
     "reference": a sequential loop in pure PyTorch, fp32 (or fp64) accumulate. The oracle in tests.
     "cpu":       our compiled C++ kernel with a hand-written backward (the CPU default).
     "chunked":   a pure-PyTorch chunked parallel scan, for any device.
@@ -27,13 +27,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from torchrec_mamba.ops.registry import BACKENDS, resolve_backend
+
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "BACKENDS",
+    "accumulate_dtype",
+    "resolve_backend",
+    "selective_scan",
+    "selective_scan_ref",
+]
+
 Backend = Literal["auto", "fused", "cpu", "chunked", "reference"]
-BACKENDS: tuple[str, ...] = ("auto", "fused", "cpu", "chunked", "reference")
 
 _ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_auto_logged: set[tuple[str, str]] = set()
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -73,7 +81,9 @@ def check_scan_args(
         if t is None and name in optional:
             continue
         if not isinstance(t, Tensor):
-            raise TypeError(f"selective_scan: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(
+                f"selective_scan: {name} must be a torch.Tensor, got {type(t).__name__}"
+            )
         if t.dtype not in _ACTIVATION_DTYPES:
             raise TypeError(
                 f"selective_scan: {name} must be a floating tensor (fp16/bf16/fp32/fp64), got {t.dtype}"
@@ -193,72 +203,6 @@ def selective_scan_ref(
     return (y, h) if return_last_state else y
 
 
-def _fused_available() -> bool:
-    from torchrec_mamba.ops import _fused
-
-    return _fused.selective_scan_fn is not None
-
-
-def _cpu_available() -> bool:
-    from torchrec_mamba.ops import _scan_cpu
-
-    return _scan_cpu.is_available()
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``backend`` (possibly "auto") to a concrete backend for tensors on ``device``.
-
-    Raises:
-        ValueError: ``backend`` is not one of :data:`BACKENDS`.
-        RuntimeError: a forced backend is unavailable; the message says how to install it.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"selective_scan: unknown backend {backend!r}; choose one of {BACKENDS}")
-    if backend == "auto":
-        if device.type == "cuda" and _fused_available():
-            choice = "fused"
-        elif device.type == "cpu" and _cpu_available():
-            choice = "cpu"
-        else:
-            choice = "chunked"
-        key = (device.type, choice)
-        if key not in _auto_logged:
-            _auto_logged.add(key)
-            logger.info("selective_scan: backend 'auto' chose %r for %s tensors", choice, device.type)
-        return choice
-    if backend == "fused":
-        if not _fused_available():
-            from torchrec_mamba.ops import _fused
-
-            raise RuntimeError(
-                "selective_scan: backend 'fused' needs mamba-ssm's CUDA kernels, which are not "
-                f"importable here ({_fused.import_error}). Install them on a CUDA machine with "
-                "`pip install 'torchrec-mamba[gpu]'` (mamba-ssm, causal-conv1d), or use "
-                "backend='auto'."
-            )
-        if device.type != "cuda":
-            raise RuntimeError(
-                f"selective_scan: backend 'fused' runs on CUDA tensors only, got {device.type}; "
-                "use backend='cpu' or 'auto'"
-            )
-    if backend == "cpu":
-        if device.type != "cpu":
-            raise RuntimeError(
-                f"selective_scan: backend 'cpu' runs on CPU tensors only, got {device.type}; "
-                "use backend='chunked' or 'auto'"
-            )
-        if not _cpu_available():
-            from torchrec_mamba.ops import _scan_cpu
-
-            raise RuntimeError(
-                "selective_scan: backend 'cpu' needs the compiled C++ kernel, which failed to build "
-                f"({_scan_cpu.build_error()}). It is JIT-compiled with torch.utils.cpp_extension: "
-                "install a C++ compiler (`apt-get install g++`) and ninja (`pip install ninja`), "
-                "or use backend='chunked'."
-            )
-    return backend
-
-
 @overload
 def selective_scan(
     u: Tensor,
@@ -333,7 +277,7 @@ def selective_scan(
         (B, D, N) in the accumulate dtype (fp32, or fp64 for fp64 inputs).
     """
     check_scan_args(u, delta, A, B, C, D, z, delta_bias)
-    choice = resolve_backend(backend, u.device)
+    choice = resolve_backend("selective_scan", backend, u.device)
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if choice == "reference":
         return selective_scan_ref(*args)

@@ -8,7 +8,8 @@ Shape letters: B batch, D channels, N state size. For one new step with input x:
 
 Same semantics as mamba-ssm's ``selective_state_update``. Running it over the L steps of a
 sequence from a zero state gives :func:`selective_scan_ref`'s outputs and last state.
-Dispatch, when no gradient is needed (neither kernel has a backward): mamba-ssm's Triton kernel
+Dispatch (through :func:`~torchrec_mamba.ops.registry.resolve_backend`, as for every op), when
+no gradient is needed (neither kernel has a backward): mamba-ssm's Triton kernel
 on CUDA when importable and the inputs are not fp64; on CPU, the compiled one-pass kernel of
 :mod:`._scan_cpu` when every tensor is fp32 (or every one fp64). Otherwise PyTorch, which
 accumulates in fp32 (fp64 for fp64 input).
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from torchrec_mamba.ops import _scan_cpu
+from torchrec_mamba.ops.registry import resolve_backend
 from torchrec_mamba.ops.selective_scan import accumulate_dtype
 
 logger = logging.getLogger(__name__)
@@ -102,6 +104,21 @@ def check_state_update_args(
             raise ValueError(
                 f"{_OP}: {name} is on {t.device} but x is on {x.device}; move all to one device"
             )
+
+
+def _unfit(x: Tensor, tensors: list[Tensor]) -> dict[str, str]:
+    """Why the fused (Triton) and cpu kernels cannot run these tensors, for the registry."""
+    unfit: dict[str, list[str]] = {"fused": [], "cpu": []}
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        for reasons in unfit.values():  # neither kernel has a backward
+            reasons.append("a gradient is needed and the kernel has no backward")
+    if any(t.dtype == torch.float64 for t in tensors):
+        unfit["fused"].append("fp64 tensors")
+    if x.dtype not in (torch.float32, torch.float64) or any(t.dtype != x.dtype for t in tensors):
+        unfit["cpu"].append("needs fp32 or fp64 tensors of one dtype")
+    if not tensors[0].is_contiguous():
+        unfit["cpu"].append("a non-contiguous state")
+    return {k: ", ".join(v) for k, v in unfit.items() if v}
 
 
 def _step(
@@ -191,6 +208,8 @@ def selective_state_update(
     z: Tensor | None = None,
     dt_bias: Tensor | None = None,
     dt_softplus: bool = False,
+    *,
+    backend: str = "auto",
 ) -> Tensor:
     """One selective-scan step for streaming inference; updates ``state`` in place.
 
@@ -208,6 +227,9 @@ def selective_state_update(
         z (Tensor, optional): (B, D) gate, applied as ``y * silu(z)``. Default: None.
         dt_bias (Tensor, optional): (D,) added to dt. Default: None.
         dt_softplus (bool): apply softplus to dt (after the bias). Default: False.
+        backend (str): "auto", "fused", "cpu", "chunked" or "reference" ("chunked" and
+            "reference" are the same PyTorch step); "fused" and "cpu" have no backward, so
+            "auto" skips them when a gradient is needed. Default: "auto".
 
     Example::
 
@@ -225,27 +247,15 @@ def selective_state_update(
         Tensor: (B, D) output of this step, in x's dtype.
     """
     check_state_update_args(state, x, dt, A, B, C, D, z, dt_bias)
-    from torchrec_mamba.ops import _fused
-
     tensors = [t for t in (state, x, dt, A, B, C, D, z, dt_bias) if t is not None]
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if (
-        _fused.selective_state_update_fn is not None
-        and x.is_cuda
-        and not needs_grad
-        and all(t.dtype != torch.float64 for t in tensors)
-    ):  # pragma: no cover - CUDA only
+    choice = resolve_backend("selective_state_update", backend, x.device, _unfit(x, tensors))
+    if choice == "fused":  # pragma: no cover - CUDA only
+        from torchrec_mamba.ops import _fused
+
         return _fused.selective_state_update_fn(
             state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus
         )
-    if (
-        not needs_grad
-        and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-        and all(t.dtype == x.dtype for t in tensors)
-        and state.is_contiguous()
-        and _scan_cpu.is_available()
-    ):
+    if choice == "cpu":
         # One fused pass over the state; the other tensors are small (B, D), (B, N) or (D, N).
         return _scan_cpu.kernel_ops().selective_state_update_cpu(
             state,
@@ -259,4 +269,5 @@ def selective_state_update(
             None if dt_bias is None else dt_bias.contiguous(),
             dt_softplus,
         )
+    # "chunked" and "reference" are the same PyTorch step.
     return _step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
