@@ -1,4 +1,4 @@
-"""Read a ``Mamba4Rec``'s tables for serving: direct rows when unsharded, the EC when sharded.
+"""Read a ``SequentialRecommender``'s tables for serving: direct rows when unsharded, the EC when sharded.
 
 An unsharded ``EmbeddingCollection`` is read with plain tensor indexing (a KJT round trip
 through the EC costs ~100x more for one event); a table sharded by DMP is read through the EC, so
@@ -15,12 +15,12 @@ from torch import Tensor
 from torchrec_mamba.serving.topk import ItemSource
 
 if TYPE_CHECKING:
-    from torchrec_mamba.models.mamba4rec import Mamba4Rec
+    from torchrec_mamba.models.recommender import SequentialRecommender
 
 __all__ = ["item_source", "table_lookup"]
 
 
-def table_lookup(model: Mamba4Rec, table: str, key: str) -> Callable[[Tensor], Tensor]:
+def table_lookup(model: SequentialRecommender, table: str, key: str) -> Callable[[Tensor], Tensor]:
     """``ids (n,) -> (n, D)`` rows of one of the model's tables.
 
     An unsharded ``EmbeddingCollection`` is read with one ``index_select`` (a KJT round trip
@@ -35,7 +35,7 @@ def table_lookup(model: Mamba4Rec, table: str, key: str) -> Callable[[Tensor], T
     return lambda ids: model._lookup(key, ids.long())
 
 
-def item_source(model: Mamba4Rec) -> ItemSource:
+def item_source(model: SequentialRecommender) -> ItemSource:
     """The model's items ``1..I`` as an :class:`ItemSource` (direct rows, or the EC when sharded).
 
     Example::
@@ -51,9 +51,9 @@ def item_source(model: Mamba4Rec) -> ItemSource:
     """
     from torchrec.modules.embedding_modules import EmbeddingCollection
 
-    from torchrec_mamba.models.mamba4rec import ITEM, ITEM_CANDIDATES
+    from torchrec_mamba.models.tables import ITEM, ITEM_CANDIDATES
 
-    num_items = model.config.num_items
+    num_items = model.tables.num_items
     if type(model.ec) is EmbeddingCollection:  # unsharded: slice the weight, no KJT round trip
         return ItemSource.from_table(model.ec.embeddings[ITEM].weight.detach())
     return ItemSource.from_lookup(lambda ids: model._lookup(ITEM_CANDIDATES, ids), num_items)
