@@ -294,6 +294,7 @@ def _recommend(args: argparse.Namespace) -> int:
     from torchrec_mamba.serving.recommender import Recommender
 
     _setup_logging(0)
+    logging.getLogger("torchrec_mamba").setLevel(logging.WARNING)  # stderr: errors only
     try:
         rec = Recommender.load(args.run, batch_size=args.batch_size)
         users, histories = _read_histories(Path(args.input), rec)
