@@ -57,3 +57,51 @@ def item_source(model: SequentialRecommender) -> ItemSource:
     if type(model.ec) is EmbeddingCollection:  # unsharded: slice the weight, no KJT round trip
         return ItemSource.from_table(model.ec.embeddings[ITEM].weight.detach())
     return ItemSource.from_lookup(lambda ids: model._lookup(ITEM_CANDIDATES, ids), num_items)
+
+
+InputFn = Callable[[Tensor, "Tensor | None"], Tensor]
+
+
+def event_input(model: SequentialRecommender, item_categories: Tensor | None = None) -> InputFn:
+    """``(item_ids (B,), category_ids (B,) | None) -> (B, D)``: the tower's encoder input.
+
+    The item embedding (plus the category embedding when the model has a category table), times
+    the model's ``input_scale``, exactly what :class:`SequenceTower` feeds its encoder per
+    position.
+
+    Args:
+        model (SequentialRecommender): the model (sharded tables are read through the EC).
+        item_categories (Tensor | None): (I + 1,) dense category of each item, used when an
+            event comes without its category. Default: None (categories must be passed).
+
+    Example::
+
+        >>> import torch
+        >>> from torchrec_mamba.train.config import DataInfo, RunConfig, build_model
+        >>> m = build_model(RunConfig(d_model=4, d_state=2, num_layers=1, backend="reference",
+        ...                           loss_normalization="batch"), DataInfo(num_items=5))
+        >>> x = event_input(m)(torch.tensor([2]), None)
+        >>> torch.equal(x, 2.0 * m.ec.embeddings["item"].weight[2:3])   # sqrt(4) input scale
+        True
+    """
+    from torchrec_mamba.models.tables import CATEGORY, CATEGORY_CANDIDATES, ITEM, ITEM_CANDIDATES
+
+    if model.side_features:
+        raise ValueError("streaming does not support models with side features yet")
+    lookup = table_lookup(model, ITEM, ITEM_CANDIDATES)
+    has_categories = model.tables.num_categories > 0
+    category_lookup = table_lookup(model, CATEGORY, CATEGORY_CANDIDATES) if has_categories else None
+    scale = model.tower.input_scale
+
+    def input_fn(item_ids: Tensor, category_ids: Tensor | None) -> Tensor:
+        x = lookup(item_ids)  # (B, D)
+        if category_lookup is not None:
+            if category_ids is None:
+                if item_categories is None:
+                    raise ValueError("this model has a category table: pass category_ids")
+                category_ids = item_categories.to(item_ids.device)[item_ids].clamp(min=1)
+            x = x + category_lookup(category_ids)
+        # the tower scales the fused input; LayerNorm hides most of it, its eps does not
+        return x * scale if scale != 1.0 else x
+
+    return input_fn
