@@ -17,7 +17,7 @@ from torchrec_mamba.serving.topk import ItemSource
 if TYPE_CHECKING:
     from torchrec_mamba.models.recommender import SequentialRecommender
 
-__all__ = ["item_source", "table_lookup"]
+__all__ = ["InputFn", "event_input", "item_source", "table_lookup", "table_source"]
 
 
 def table_lookup(model: SequentialRecommender, table: str, key: str) -> Callable[[Tensor], Tensor]:
@@ -35,6 +35,29 @@ def table_lookup(model: SequentialRecommender, table: str, key: str) -> Callable
     return lambda ids: model._lookup(key, ids.long())
 
 
+def table_source(model: SequentialRecommender, key: str) -> ItemSource:
+    """Ids ``1..K`` of table ``key`` as an :class:`ItemSource` (weight slices, or the EC when sharded).
+
+    Args:
+        model (SequentialRecommender): the model.
+        key (str): ``"item"`` or ``"category"``.
+
+    Returns:
+        ItemSource: chunks of the table; nothing is copied when unsharded.
+    """
+    from torchrec.modules.embedding_modules import EmbeddingCollection
+
+    from torchrec_mamba.models.tables import candidate_key
+
+    if key not in model.sequence_keys:
+        raise ValueError(f"no table {key!r} in this model (tables {model.sequence_keys})")
+    if type(model.ec) is EmbeddingCollection:  # unsharded: slice the weight, no KJT round trip
+        return ItemSource.from_table(model.ec.embeddings[key].weight.detach())
+    lookup_key = candidate_key(key)
+    return ItemSource.from_lookup(lambda ids: model._lookup(lookup_key, ids),
+                                  model.tables.num_ids(key))
+
+
 def item_source(model: SequentialRecommender) -> ItemSource:
     """The model's items ``1..I`` as an :class:`ItemSource` (direct rows, or the EC when sharded).
 
@@ -49,15 +72,9 @@ def item_source(model: SequentialRecommender) -> ItemSource:
         >>> torch.equal(torch.cat([e for _, e in src.chunks(2)]), model.item_embeddings())
         True
     """
-    from torchrec.modules.embedding_modules import EmbeddingCollection
+    from torchrec_mamba.models.tables import ITEM
 
-    from torchrec_mamba.models.tables import ITEM, ITEM_CANDIDATES
-
-    num_items = model.tables.num_items
-    if type(model.ec) is EmbeddingCollection:  # unsharded: slice the weight, no KJT round trip
-        return ItemSource.from_table(model.ec.embeddings[ITEM].weight.detach())
-    return ItemSource.from_lookup(lambda ids: model._lookup(ITEM_CANDIDATES, ids), num_items)
-
+    return table_source(model, ITEM)
 
 InputFn = Callable[[Tensor, "Tensor | None"], Tensor]
 
