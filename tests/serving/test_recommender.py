@@ -13,8 +13,8 @@ import torch
 from torchrec_mamba import Recommender
 from torchrec_mamba.data import SequenceBatch
 from torchrec_mamba.serving import IdVocab
-from torchrec_mamba.train.config import DataInfo, RunConfig, build_model
 from torchrec_mamba.serving.vocab import ITEM_CATEGORIES
+from torchrec_mamba.train.config import DataInfo, RunConfig, build_model
 
 NUM_ITEMS, NUM_CATS, MAX_LEN = 30, 4, 5
 RAW = [-1] + [1000 + 7 * i for i in range(NUM_ITEMS)][::-1]  # dense i -> raw RAW[i]
