@@ -246,3 +246,24 @@ def test_bench_popularity_metrics(bench: ModuleType) -> None:
     assert got["hr@10"] == pytest.approx(1.0)
     assert got["mrr@10"] == pytest.approx((1 + 1 / 3 + 1 / 4) / 3)
     assert got["ndcg@10"] == pytest.approx((1 + 1 / math.log2(4) + 1 / math.log2(5)) / 3)
+
+
+def test_example_run_dir_serves_raw_ids(tiny_run: tuple[dict[str, Any], Path, Path]) -> None:
+    """Recommender.load(OUTPUT/mamba4rec) maps raw RetailRocket ids through the saved vocabs."""
+    from torchrec_mamba import Recommender
+
+    _, _, out_dir = tiny_run
+    run = out_dir / "mamba4rec"
+    vocab = pd.read_csv(run / "vocabs" / "item.csv")
+    cat_vocab = set(pd.read_csv(run / "vocabs" / "category.csv")["raw"].tolist())
+    rec = Recommender.load(run)
+    raw = vocab["raw"].tolist()
+    histories = [raw[:3], raw[5:6], raw[10:20]]
+    ids, scores = rec.recommend(histories, k=10, exclude_seen=True)
+    assert ids.shape == scores.shape == (3, 10)
+    assert set(ids.flatten().tolist()) <= set(raw)  # raw ids, never NVTabular's null / OOV rows
+    assert not set(ids[0].tolist()) & set(raw[:3])
+    cats, _ = rec.recommend_categories(histories, k=1)
+    assert set(cats.flatten().tolist()) <= cat_vocab | {-1}
+    with pytest.raises(ValueError, match="unknown item id -5"):
+        rec.recommend([[-5]])

@@ -22,6 +22,7 @@ _LAZY = {
     "sasrec": "torchrec_mamba.models.mamba4rec",
     "NextItemTask": "torchrec_mamba.models.tasks",
     "NextCategoryTask": "torchrec_mamba.models.tasks",
+    "Recommender": "torchrec_mamba.serving.recommender",
     "RunConfig": "torchrec_mamba.train.config",
     "build_model": "torchrec_mamba.train.config",
 }
@@ -32,6 +33,7 @@ __all__ = [
     "MambaSequenceEncoder",
     "NextCategoryTask",
     "NextItemTask",
+    "Recommender",
     "RunConfig",
     "SASRecEncoder",
     "SequenceEncoder",
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
     from torchrec_mamba.modules.mamba_block import MambaBlock
     from torchrec_mamba.modules.protocol import SequenceEncoder
     from torchrec_mamba.modules.sasrec import SASRecEncoder
+    from torchrec_mamba.serving.recommender import Recommender
     from torchrec_mamba.train.config import RunConfig, build_model
 
 

@@ -6,6 +6,8 @@ Examples::
     torchrun --standalone --nproc_per_node=2 -m torchrec_mamba.cli train --data sasrec:data.txt \\
         --sharding row_wise --checkpoint-dir runs/ckpt --output runs/rw
     torchrec-mamba evaluate --checkpoint-dir runs/ckpt --split test
+    torchrec-mamba recommend --run runs/beauty --input histories.txt -k 10 --output recs.jsonl
+    torchrec-mamba plan --items 1000000000 --dim 128 --gpus 64 --hbm-gb 80
 
 ``train`` writes ``OUTPUT/run_config.json`` (the resolved :class:`~torchrec_mamba.train.config.RunConfig`),
 ``OUTPUT/data_info.json`` (table sizes, item id mapping), ``OUTPUT/model.pt`` (the best-epoch
@@ -15,7 +17,9 @@ Examples::
      "best_epoch": e, "train_seconds_per_epoch": s, "stopped_early": bool,
      "history": [{"epoch", "loss", "valid", "train_seconds"}, ...], "config": {...}}
 
-and prints the same JSON as its last stdout line. A bad data file ends the command with exit
+and prints the same JSON as its last stdout line. ``recommend`` reads one user per line
+(``user_id item_1 ... item_n``, raw ids) and writes JSON lines
+``{"user": ..., "items": [...], "scores": [...]}``, best first. A bad data file ends the command with exit
 status 2 and one line on stderr naming the file and line.
 """
 
@@ -67,7 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", default=None, help="write OUTPUT/eval_metrics.json too")
     evaluate.add_argument("--eval-batch-size", type=int, default=None)
     evaluate.add_argument("--no-progress", action="store_true")
+    _add_serving_parsers(sub)
     return parser
+
+
+def _add_serving_parsers(sub: Any) -> None:
+    """``recommend`` and ``plan`` (``plan``'s flags are ``train.plan``'s own, passed through)."""
+    rec = sub.add_parser("recommend", help="top-K items per user from a finished train run")
+    rec.add_argument("--run", required=True, help="the run dir (train --output)")
+    rec.add_argument("--input", required=True,
+                     help="one user per line: user_id item_1 ... item_n (the sasrec: format)")
+    rec.add_argument("-k", type=int, default=10, help="items per user (default 10)")
+    rec.add_argument("--exclude-seen", action="store_true", help="never recommend a seen item")
+    rec.add_argument("--output", default=None, help="JSON lines file (default: stdout)")
+    rec.add_argument("--batch-size", type=int, default=1024, help="users per batch (default 1024)")
+    sub.add_parser("plan", add_help=False,
+                   help="plan the item table on a GPU fleet (torchrec-mamba plan --help)")
 
 
 def _setup_logging(rank: int) -> None:
@@ -267,6 +286,57 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_histories(path: Path, rec: Any) -> tuple[list[Any], list[list[int]]]:
+    """Users and raw histories of a ``user item_1 ... item_n`` file; errors name file:line."""
+    users: list[Any] = []
+    histories: list[list[int]] = []
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from err
+    for line_no, line in enumerate(lines, start=1):
+        tokens = line.split()
+        if not tokens:
+            continue
+        if len(tokens) == 1:
+            raise ValueError(f"{path}:{line_no}: user {tokens[0]} has no items")
+        try:
+            items = [int(t) for t in tokens[1:]]
+        except ValueError:
+            bad = next(t for t in tokens[1:] if not t.lstrip("-").isdigit())
+            raise ValueError(f"{path}:{line_no}: item id {bad[:40]!r} is not an integer") from None
+        try:
+            rec.items.encode([items])
+        except ValueError as err:
+            raise ValueError(f"{path}:{line_no}: {str(err).split(': ', 1)[-1]}") from None
+        users.append(int(tokens[0]) if tokens[0].isdigit() else tokens[0])
+        histories.append(items)
+    if not users:
+        raise ValueError(f"{path}: no users")
+    return users, histories
+
+
+def _recommend(args: argparse.Namespace) -> int:
+    from torchrec_mamba.serving.recommender import Recommender
+
+    _setup_logging(0)
+    logging.getLogger("torchrec_mamba").setLevel(logging.WARNING)  # stderr: errors only
+    try:
+        rec = Recommender.load(args.run, batch_size=args.batch_size)
+        users, histories = _read_histories(Path(args.input), rec)
+        ids, scores = rec.recommend(histories, k=args.k, exclude_seen=args.exclude_seen)
+    except ValueError as err:
+        return _error(err)
+    lines = [json.dumps({"user": u, "items": i, "scores": [round(x, 6) for x in s]})
+             for u, i, s in zip(users, ids.tolist(), scores.tolist(), strict=True)]
+    text = "\n".join(lines) + "\n"
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``torchrec-mamba``; returns the exit status.
 
@@ -276,9 +346,16 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         int: 0 on success, 2 for bad input (one message on stderr).
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["plan"]:  # train.plan owns its flags
+        from torchrec_mamba.train.plan import main as plan_main
+
+        return plan_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "train":
         return _train(args)
+    if args.command == "recommend":
+        return _recommend(args)
     return _evaluate(args)
 
 

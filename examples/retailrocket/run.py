@@ -44,6 +44,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
@@ -247,6 +248,31 @@ def label_counts(loader: ParquetSequenceLoader, key: str, size: int) -> Tensor:
     return counts
 
 
+def item_categories(loader: ParquetSequenceLoader, num_items: int, num_categories: int) -> list[int]:
+    """(I + 1,) the most frequent category of each item in ``loader`` (0: never seen), for serving.
+
+    ``Recommender.load`` reads it as ``item_categories.json``: a history of item ids alone then
+    gets the category input the model was trained with.
+    """
+    pairs = torch.zeros((num_items + 1) * (num_categories + 1), dtype=torch.float64)
+    for batch in loader:
+        for kjt in (batch.features, batch.labels):
+            code = kjt["item"].values() * (num_categories + 1) + kjt["category"].values()
+            pairs += torch.bincount(code, minlength=pairs.numel()).double()
+    table = pairs.view(num_items + 1, num_categories + 1)  # (I + 1, C + 1)
+    best = table.argmax(1)
+    best[table.sum(1) == 0] = 0
+    return best.tolist()
+
+
+def save_serving_files(run_dir: Path, processed: Path, categories: list[int]) -> None:
+    """The vocabularies and item categories ``Recommender.load(run_dir)`` maps raw ids through."""
+    (run_dir / "vocabs").mkdir(parents=True, exist_ok=True)
+    for name in ("item", "category"):
+        shutil.copyfile(processed / "vocabs" / f"{name}.csv", run_dir / "vocabs" / f"{name}.csv")
+    (run_dir / "item_categories.json").write_text(json.dumps(categories) + "\n")
+
+
 # --- 3-4: models ----------------------------------------------------------------------------------
 def run_config(kind: str, args: argparse.Namespace) -> RunConfig:
     """The example's settings for ``kind`` as a library :class:`RunConfig` (its own defaults)."""
@@ -433,6 +459,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     category_counts = label_counts(splits.train, "category", splits.num_categories)
     info = DataInfo(num_items=splits.num_items, num_categories=splits.num_categories,
                     targets_per_row=float(item_counts[1:].sum()) / max(splits.train.num_rows, 1))
+    categories = item_categories(splits.train, splits.num_items, splits.num_categories)
     results: dict[str, TrainResult] = {}
     for kind in models:
         cfg = run_config(kind, args)
@@ -440,6 +467,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model = build_model(cfg, info, ctx.device, item_counts=item_counts.float())
         cfg.save(cfg.output)
         info.save(cfg.output)
+        save_serving_files(Path(cfg.output), processed, categories)
         results[kind] = train_model(cfg, model, splits, ctx)
     popularity = {
         "next_item": evaluate_popularity(splits.test, popularity_scores(item_counts), "item"),

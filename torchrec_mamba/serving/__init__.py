@@ -1,5 +1,7 @@
 """Serving: chunked top-K over a catalogue of any size, and streaming per-user Mamba states.
 
+* :class:`Recommender` (:mod:`.recommender`): load a finished ``train`` run, recommend top-K
+  items (and categories) in the ids the user trained with.
 * :func:`chunked_topk` / :class:`ItemSource` (:mod:`.topk`): top-K items and target ranks, one
   chunk of the item table at a time (never a (B, all items) matrix).
 * :func:`evaluate_chunked` (:mod:`.evaluate`): ``train.loop.evaluate`` with chunked scoring.
@@ -22,11 +24,15 @@ _LAZY = {
     "StateFileError": "torchrec_mamba.serving.state_store",
     "evaluate_chunked": "torchrec_mamba.serving.evaluate",
     "item_source": "torchrec_mamba.serving.tables",
+    "Recommender": "torchrec_mamba.serving.recommender",
+    "IdVocab": "torchrec_mamba.serving.vocab",
 }
 
 __all__ = [
     "ChunkedTopK",
+    "IdVocab",
     "ItemSource",
+    "Recommender",
     "StateFileError",
     "UserStateStore",
     "chunked_topk",
@@ -36,9 +42,11 @@ __all__ = [
 
 if TYPE_CHECKING:
     from torchrec_mamba.serving.evaluate import evaluate_chunked
+    from torchrec_mamba.serving.recommender import Recommender
     from torchrec_mamba.serving.state_store import StateFileError, UserStateStore
     from torchrec_mamba.serving.tables import item_source
     from torchrec_mamba.serving.topk import ChunkedTopK, ItemSource, chunked_topk
+    from torchrec_mamba.serving.vocab import IdVocab
 
 
 def __getattr__(name: str) -> Any:

@@ -13,7 +13,7 @@ together and updated together, the usual micro-batch), it steps those rows in pl
 at all. Rows of users outside the call are never read or written.
 
 The encoder input of an event is produced by ``input_fn(item_ids, category_ids)``: by default
-the item embedding; :meth:`UserStateStore.from_model` builds the exact input of ``Mamba4Rec``'s
+the item embedding; :meth:`UserStateStore.from_model` builds the exact input of the model's
 tower (item embedding, plus the category embedding when the model has a category table), read
 through the model's EmbeddingCollection so that it also works with a sharded table.
 """
@@ -21,9 +21,7 @@ through the model's EmbeddingCollection so that it also works with a sharded tab
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,19 +29,20 @@ from torch import Tensor
 
 from torchrec_mamba.modules.encoder import MambaSequenceEncoder
 from torchrec_mamba.modules.mamba_block import MambaState
-from torchrec_mamba.serving.state_file import StateFileError, read_checked, write_atomic
-from torchrec_mamba.serving.tables import item_source, table_lookup
+from torchrec_mamba.serving.state_file import StateFileError
+from torchrec_mamba.serving.state_persist import StatePersistence
+from torchrec_mamba.serving.tables import InputFn, event_input, item_source
 from torchrec_mamba.serving.topk import ItemSource, chunked_topk
+from torchrec_mamba.serving.vocab import IdVocab
 
 if TYPE_CHECKING:
-    from torchrec_mamba.models.mamba4rec import Mamba4Rec
+    from torchrec_mamba.models.recommender import SequentialRecommender
+    from torchrec_mamba.serving.recommender import Recommender
 
 __all__ = ["StateFileError", "UserStateStore"]
 
 logger = logging.getLogger(__name__)
 
-InputFn = Callable[[Tensor, "Tensor | None"], Tensor]
-_FORMAT = 1
 
 
 def _ids(values: Sequence[int] | Tensor, name: str) -> Tensor:
@@ -53,7 +52,7 @@ def _ids(values: Sequence[int] | Tensor, name: str) -> Tensor:
     return t.long()
 
 
-class UserStateStore:
+class UserStateStore(StatePersistence):
     """Per-user recurrent states of a Mamba encoder, with batched updates and chunked top-K.
 
     The encoder is switched to eval mode (streaming equals re-encoding only without dropout).
@@ -99,6 +98,8 @@ class UserStateStore:
         self.items = items if isinstance(items, ItemSource) else ItemSource.from_table(items)
         self.input_fn: InputFn = input_fn or (lambda item_ids, _cat: self.items.lookup(item_ids))
         self.chunk_size = chunk_size
+        #: raw <-> dense item ids (set by :meth:`from_recommender`); None: dense ids in and out
+        self.ids: IdVocab | None = None
         self._slot: dict[int, int] = {}
         template = encoder.allocate_state(capacity)
         self._conv = [s.conv_state for s in template]  # per layer (cap, E, W)
@@ -108,41 +109,56 @@ class UserStateStore:
         self._count = torch.zeros(capacity, dtype=torch.long, device=param.device)
 
     @classmethod
-    def from_model(cls, model: Mamba4Rec, **kwargs: Any) -> UserStateStore:
-        """A store serving a (possibly sharded) ``Mamba4Rec``: its encoder, tables and input.
+    def from_model(cls, model: SequentialRecommender, **kwargs: Any) -> UserStateStore:
+        """A store serving a (possibly sharded) ``SequentialRecommender`` with a Mamba encoder.
+
+        The event input is the tower's (item + category embedding, times ``input_scale``: see
+        :func:`~torchrec_mamba.serving.tables.event_input`); ids are the model's dense ids.
 
         Args:
-            model (nn.Module): a ``Mamba4Rec`` (side features are not supported yet).
+            model (SequentialRecommender): the model (side features are not supported yet).
             **kwargs: ``capacity``, ``chunk_size``.
 
         Returns:
             UserStateStore: events must carry ``category_ids`` when the model has categories.
         """
-        from torchrec_mamba.models.mamba4rec import CATEGORY_CANDIDATES, ITEM_CANDIDATES
-
-        cfg = model.config
-        if cfg.side_features:
-            raise ValueError("UserStateStore does not support models with side features yet")
-
-        lookup = table_lookup(model, "item", ITEM_CANDIDATES)
-        category_lookup = (
-            table_lookup(model, "category", CATEGORY_CANDIDATES) if cfg.num_categories else None
-        )
-
-        def input_fn(item_ids: Tensor, category_ids: Tensor | None) -> Tensor:
-            x = lookup(item_ids)  # (B, D), as Mamba4Rec's tower: item (+ category) embedding
-            if category_lookup is not None:
-                if category_ids is None:
-                    raise ValueError("this model has a category table: pass category_ids to update()")
-                x = x + category_lookup(category_ids)
-            return x
-
-        items = item_source(model)  # chunks slice the weight directly when unsharded
         if not isinstance(model.encoder, MambaSequenceEncoder):
             raise TypeError(
                 f"streaming needs a MambaSequenceEncoder, the model has {type(model.encoder).__name__}"
             )
-        return cls(model.encoder, items, input_fn, **kwargs)
+        return cls(model.encoder, item_source(model), event_input(model), **kwargs)
+
+    @classmethod
+    def from_recommender(cls, recommender: Recommender, **kwargs: Any) -> UserStateStore:
+        """A store serving a loaded run, in the run's raw ids (in and out) like its Recommender.
+
+        Item ids given to :meth:`update` / :meth:`ingest` and returned by :meth:`recommend` are
+        the ids the run was trained with; a category run derives each event's category from the
+        run's ``item_categories.json``.
+
+        Example::
+
+            >>> import tempfile
+            >>> from torchrec_mamba.serving import Recommender
+            >>> from torchrec_mamba.train.config import DataInfo, RunConfig, build_model
+            >>> cfg = RunConfig(d_model=8, d_state=4, num_layers=1, backend="reference",
+            ...                 loss_normalization="batch")
+            >>> rec = Recommender(build_model(cfg, DataInfo(num_items=9)), max_len=50)
+            >>> store = UserStateStore.from_recommender(rec)
+            >>> store.update([1, 2], [4, 7])
+            >>> ids, _ = store.recommend([1, 2], k=3)
+            >>> torch.equal(ids, rec.recommend([[4], [7]], k=3)[0])
+            True
+        """
+        model = recommender.model
+        if not isinstance(model.encoder, MambaSequenceEncoder):
+            raise TypeError(
+                f"streaming needs a MambaSequenceEncoder, the run has {type(model.encoder).__name__}"
+            )
+        store = cls(model.encoder, recommender.item_source,
+                    event_input(model, recommender.item_categories), **kwargs)
+        store.ids = recommender.items
+        return store
 
     # --- bookkeeping ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -208,6 +224,8 @@ class UserStateStore:
         """
         # Checks run on Python lists: for the few users of a serving call, a handful of tensor
         # ops here would cost more than the step itself.
+        if self.ids is not None:
+            item_ids = self.ids.encode([_ids(item_ids, "item_ids").tolist()])[0]
         users, items = _ids(user_ids, "user_ids").tolist(), _ids(item_ids, "item_ids")
         if len(users) != items.numel():
             raise ValueError(f"user_ids and item_ids differ in length: {len(users)} vs {items.numel()}")
@@ -296,6 +314,8 @@ class UserStateStore:
         if not users:
             return
         lengths = torch.tensor([len(h) for h in histories], dtype=torch.long)  # (B,)
+        if self.ids is not None:
+            histories = self.ids.encode(histories)
         flat = torch.tensor([i for h in histories for i in h], dtype=torch.long)  # (T,)
         if flat.numel() and (int(flat.min()) < 1 or int(flat.max()) > self.items.num_items):
             bad = int(flat.min()) if int(flat.min()) < 1 else int(flat.max())
@@ -347,76 +367,14 @@ class UserStateStore:
         Args:
             user_ids (Sequence[int] | Tensor): (B,) known users.
             k (int): items per user. Default: 10.
-            exclude (Tensor | None): (B, L) item ids not to recommend (0 = padding). Default: None.
+            exclude (Tensor | None): (B, L) item ids not to recommend (0 = padding; raw ids
+                in a :meth:`from_recommender` store, rows of equal length). Default: None.
 
         Returns:
             tuple[Tensor, Tensor]: item ids (B, K) int64 and scores (B, K), best first.
         """
+        if exclude is not None and self.ids is not None:
+            exclude = torch.tensor(self.ids.encode(exclude.tolist()), dtype=torch.long)
         out = chunked_topk(self.user_vectors(user_ids), self.items, k, exclude=exclude,
                            chunk_size=self.chunk_size)
-        return out.ids, out.scores
-
-    # --- persistence ---------------------------------------------------------------------------
-    def _meta(self) -> dict[str, Any]:
-        return {
-            "d_model": int(self.encoder.d_model),
-            "num_layers": len(self._conv),
-            "conv_shape": list(self._conv[0].shape[1:]),
-            "ssm_shape": list(self._ssm[0].shape[1:]),
-        }
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write every user's state atomically, behind a sha256 checksum (:mod:`.state_file`)."""
-        n = len(self._slot)
-        payload = {
-            "format": _FORMAT,
-            "meta": self._meta(),
-            "user_ids": torch.tensor(list(self._slot), dtype=torch.long),
-            "conv": [t[:n].cpu() for t in self._conv],
-            "ssm": [t[:n].cpu() for t in self._ssm],
-            "repr": self._repr[:n].cpu(),
-            "count": self._count[:n].cpu(),
-        }
-        out = write_atomic(path, payload)
-        logger.info("saved %d user states to %s", n, out)
-        return out
-
-    @classmethod
-    def load(
-        cls,
-        path: str | os.PathLike[str],
-        encoder: MambaSequenceEncoder,
-        items: ItemSource | Tensor,
-        input_fn: InputFn | None = None,
-        **kwargs: Any,
-    ) -> UserStateStore:
-        """Read a :meth:`save` file (``weights_only``; truncated or corrupted files are refused).
-
-        Args:
-            path (str | os.PathLike): the file.
-            encoder, items, input_fn, **kwargs: as in the constructor; the encoder must have the
-                state shapes the file was saved with.
-
-        Returns:
-            UserStateStore: holding the saved users.
-
-        Raises:
-            StateFileError: missing, truncated, corrupted, foreign or mismatching file.
-        """
-        payload = read_checked(path)
-        store = cls(encoder, items, input_fn, **kwargs)
-        if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-            raise StateFileError(f"{path}: unknown state format {payload.get('format')!r}")
-        if payload["meta"] != store._meta():
-            raise StateFileError(
-                f"{path} holds states of shape {payload['meta']}, this encoder needs {store._meta()}"
-            )
-        users = payload["user_ids"].tolist()
-        store._grow(len(users))
-        store._slot = {u: i for i, u in enumerate(users)}
-        n, device = len(users), store._repr.device
-        for dst, src in zip((*store._conv, *store._ssm), (*payload["conv"], *payload["ssm"]), strict=True):
-            dst[:n] = src.to(device)
-        store._repr[:n] = payload["repr"].to(device)
-        store._count[:n] = payload["count"].to(device)
-        return store
+        return (out.ids if self.ids is None else self.ids.decode(out.ids)), out.scores

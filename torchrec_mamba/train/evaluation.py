@@ -1,6 +1,9 @@
 """``evaluate`` / ``evaluate_tasks``: full-ranking metrics of a model's tasks over any loader.
 
 Shape letters: B batch, D width, K ids of a task's table.
+
+Scoring is chunked (:func:`torchrec_mamba.serving.chunked_topk`): evaluation never builds a
+(B, K) score matrix, so it runs on catalogues of millions of items.
 """
 
 from __future__ import annotations
@@ -23,12 +26,17 @@ def evaluate_tasks(
     ks: tuple[int, ...] = (5, 10, 20),
     mask_seen: bool = False,
     tasks: list[str] | None = None,
+    chunk_size: int = 65536,
 ) -> dict[str, dict[str, float]]:
     """Full-ranking HR/NDCG/MRR@K of each task over ``loader`` (a collective when distributed).
 
-    Each task's table is read once (through the EC, so it works sharded); every batch's user
-    vectors are computed once and ranked against each table; rows a distributed loader repeated
-    (``batch.mask``) are not counted. ``mask_seen`` masks the ids of the task's own feature.
+    Each task's table is scored ``chunk_size`` ids at a time with the target's rank counted on
+    the way (:func:`~torchrec_mamba.serving.topk.chunked_topk`), so memory is ``O(B *
+    chunk_size)``: never a (B, all ids) matrix nor a copy of the table (a sharded table is read
+    through the EC, every rank in lockstep). Every batch's user vectors are computed once and
+    ranked against each table; rows a distributed loader repeated (``batch.mask``) are not
+    counted. ``mask_seen`` masks the ids of the task's own feature. The ranks equal the full
+    matrix's, ties included, up to float rounding (see :mod:`torchrec_mamba.serving.topk`).
 
     Args:
         model (nn.Module): a ``SequentialRecommender`` or a DMP around one.
@@ -37,24 +45,33 @@ def evaluate_tasks(
         ks (tuple[int, ...]): cut-offs. Default: (5, 10, 20).
         mask_seen (bool): exclude seen ids from the ranking. Default: False.
         tasks (list[str] | None): task names; None means every task. Default: None.
+        chunk_size (int): ids scored at a time. Default: 65536.
 
     Returns:
         dict[str, dict[str, float]]: task name -> ``"hr@K"``, ``"ndcg@K"``, ``"mrr@K"``.
     """
+    from torchrec_mamba.serving.tables import table_source
+    from torchrec_mamba.serving.topk import chunked_topk
+
     inner = unwrap(model)
     chosen = inner.tasks if tasks is None else [inner.task(name) for name in tasks]
     was_training = model.training
     model.eval()
     try:
-        tables = {t.name: inner.table_embeddings(t.key) for t in chosen}  # (K, D) each
+        sources = {t.name: table_source(inner, t.key) for t in chosen}
         metrics = {t.name: RankingMetrics(ks=ks, mask_seen=mask_seen, device="cpu") for t in chosen}
         for batch in loader:
             batch = batch.to(ctx.device)
-            user = inner.user_representation(batch)  # (B, D)
+            user = inner.user_representation(batch).float()  # (B, D), float32 whatever the head
             for t in chosen:
-                scores = t.scores(user, tables[t.name])  # (B, K + 1)
-                history = batch.padded(t.key)[0] if mask_seen else None
-                metrics[t.name].update(scores, batch.targets(t.key), history=history, mask=batch.mask)
+                history = batch.padded(t.key)[0] if mask_seen else None  # (B, L)
+                # only the rank counts matter here; k=1 keeps the running top-K trivial
+                out = chunked_topk(user, sources[t.name], k=1, targets=batch.targets(t.key),
+                                   exclude=history, chunk_size=chunk_size)
+                if out.above is None or out.tied is None or out.nan is None:  # pragma: no cover
+                    raise RuntimeError("chunked_topk returned no rank counts despite targets")
+                metrics[t.name].update_counts(out.above.cpu(), out.tied.cpu(), out.nan.cpu(),
+                                              mask=batch.mask)
         return {name: m.compute(ctx.process_group) for name, m in metrics.items()}
     finally:
         model.train(was_training)
@@ -66,6 +83,7 @@ def evaluate(
     ctx: DistributedContext,
     ks: tuple[int, ...] = (5, 10, 20),
     mask_seen: bool = False,
+    chunk_size: int = 65536,
 ) -> dict[str, float]:
     """Full-ranking HR/NDCG/MRR@K of the model's primary (first) task, usually the next item.
 
@@ -75,4 +93,4 @@ def evaluate(
         dict[str, float]: ``"hr@K"``, ``"ndcg@K"``, ``"mrr@K"``, the same on every rank.
     """
     primary = unwrap(model).tasks[0].name
-    return evaluate_tasks(model, loader, ctx, ks, mask_seen, [primary])[primary]
+    return evaluate_tasks(model, loader, ctx, ks, mask_seen, [primary], chunk_size)[primary]
