@@ -13,14 +13,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _LAZY = {
-    "DistributedContext": "torchrec_mamba.train.distributed",
-    "EmbeddingOptimizerConfig": "torchrec_mamba.train.distributed",
-    "build_optimizer": "torchrec_mamba.train.distributed",
-    "init_distributed": "torchrec_mamba.train.distributed",
-    "destroy_distributed": "torchrec_mamba.train.distributed",
-    "resolve_embedding_optimizer": "torchrec_mamba.train.distributed",
-    "shard_model": "torchrec_mamba.train.distributed",
-    "unwrap": "torchrec_mamba.train.distributed",
+    "DistributedContext": "torchrec_mamba.train.process_group",
+    "EmbeddingOptimizerConfig": "torchrec_mamba.train.optimizers",
+    "build_optimizer": "torchrec_mamba.train.optimizers",
+    "init_distributed": "torchrec_mamba.train.process_group",
+    "destroy_distributed": "torchrec_mamba.train.process_group",
+    "resolve_embedding_optimizer": "torchrec_mamba.train.optimizers",
+    "shard_model": "torchrec_mamba.train.sharding",
+    "unwrap": "torchrec_mamba.train.sharding",
     "DataInfo": "torchrec_mamba.train.config",
     "RunConfig": "torchrec_mamba.train.config",
     "build_model": "torchrec_mamba.train.config",
@@ -63,19 +63,20 @@ __all__ = [
 if TYPE_CHECKING:
     from torchrec_mamba.train.checkpoint import load_checkpoint, save_checkpoint
     from torchrec_mamba.train.config import DataInfo, RunConfig, build_model
-    from torchrec_mamba.train.distributed import (
-        DistributedContext,
-        EmbeddingOptimizerConfig,
-        build_optimizer,
-        destroy_distributed,
-        init_distributed,
-        resolve_embedding_optimizer,
-        shard_model,
-        unwrap,
-    )
     from torchrec_mamba.train.evaluation import evaluate, evaluate_tasks
     from torchrec_mamba.train.loop import FitConfig, FitResult, fit, train_one_epoch
     from torchrec_mamba.train.metrics import RankingMetrics, ranking_metrics
+    from torchrec_mamba.train.optimizers import (
+        EmbeddingOptimizerConfig,
+        build_optimizer,
+        resolve_embedding_optimizer,
+    )
+    from torchrec_mamba.train.process_group import (
+        DistributedContext,
+        destroy_distributed,
+        init_distributed,
+    )
+    from torchrec_mamba.train.sharding import shard_model, unwrap
 
 
 def __getattr__(name: str) -> Any:
