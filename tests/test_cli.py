@@ -169,3 +169,97 @@ def test_bad_options_exit_2(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert "resume=True needs a checkpoint_dir" in capsys.readouterr().err
     assert main(train_args(tiny, tmp_path, "--embedding-optimizer", "rowwise_adagrad")) == 2
     assert "only available for sharded tables" in capsys.readouterr().err
+
+
+# --- evaluate --run ------------------------------------------------------------------------------
+def _dense_reference(run: Path, mask_seen: bool) -> tuple[dict[str, float], int]:
+    """Test HR/NDCG/MRR@K from the full (users, items) score matrix, ranked with numpy.
+
+    Also returns how many users have a seen item (not their target) scoring above the target.
+    """
+    import torch
+
+    from torchrec_mamba.cli import _loaders
+    from torchrec_mamba.data import load_sequences
+    from torchrec_mamba.train.config import DataInfo, RunConfig, build_model
+    from torchrec_mamba.train.distributed import DistributedContext
+
+    cfg = RunConfig.load(run)
+    model = build_model(cfg, DataInfo.load(run))
+    model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
+    model.eval()
+    ctx = DistributedContext(0, 1, 0, torch.device("cpu"), None, False)
+    _, _, _, test = _loaders(cfg, load_sequences(cfg.data), ctx)
+    table = model.ec.embeddings["item"].weight.detach().numpy().astype(np.float64)  # (I + 1, D)
+    ranks, seen_above = [], 0
+    with torch.no_grad():
+        for batch in test:
+            user = model.user_representation(batch).numpy().astype(np.float64)  # (B, D)
+            history = batch.padded("item")[0].numpy()  # (B, L)
+            for u, hist, target in zip(user, history, batch.targets("item").numpy(), strict=True):
+                scores = table @ u  # (I + 1,)
+                scores[0] = -np.inf  # padding is never ranked
+                seen = np.setdiff1d(hist[hist > 0], [target])
+                seen_above += int((scores[seen] > scores[target]).any())
+                if mask_seen:
+                    scores[seen] = -np.inf
+                assert (scores == scores[target]).sum() == 1  # no ties: the rank is unambiguous
+                ranks.append(int((scores > scores[target]).sum()))
+    r = np.array(ranks)
+    out = {}
+    for k in (5, 10, 20):
+        hit = r < k
+        out[f"hr@{k}"] = float(hit.mean())
+        out[f"ndcg@{k}"] = float(np.where(hit, 1 / np.log2(r + 2), 0).mean())
+        out[f"mrr@{k}"] = float(np.where(hit, 1 / (r + 1), 0).mean())
+    return out, seen_above
+
+
+def test_evaluate_run_reproduces_metrics_json_exactly(
+    uninterrupted_dir: Path, uninterrupted: dict[str, Any], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "sub" / "unmasked.json"
+    assert main(["evaluate", "--run", str(uninterrupted_dir), "--output", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == json.loads(out.read_text())
+    assert printed["test"] == uninterrupted["test"]  # exactly: the best epoch's model, same ranking
+    assert printed["mask_seen"] is False and printed["run"] == str(uninterrupted_dir)
+    assert main(["evaluate", "--run", str(uninterrupted_dir), "--split", "valid",
+                 "--output", str(tmp_path / "dir")]) == 0
+    valid = json.loads((tmp_path / "dir" / "eval_metrics.json").read_text())
+    assert valid["valid"] == uninterrupted["valid"]
+
+
+def test_evaluate_run_mask_seen_matches_a_dense_reference(
+    uninterrupted_dir: Path, uninterrupted: dict[str, Any], tmp_path: Path
+) -> None:
+    out = tmp_path / "masked.json"
+    assert main(["evaluate", "--run", str(uninterrupted_dir), "--mask-seen",
+                 "--output", str(out)]) == 0
+    masked = json.loads(out.read_text())
+    assert masked["mask_seen"] is True
+    reference, seen_above = _dense_reference(uninterrupted_dir, mask_seen=True)
+    for key, value in reference.items():
+        assert masked["test"][key] == pytest.approx(value, abs=1e-12), key
+    unmasked_reference, _ = _dense_reference(uninterrupted_dir, mask_seen=False)
+    for key, value in unmasked_reference.items():
+        assert uninterrupted["test"][key] == pytest.approx(value, abs=1e-12), key
+    # masking only removes competitors: never worse, and better where a seen item ranked above
+    assert all(masked["test"][k] >= uninterrupted["test"][k] for k in KEYS)
+    assert seen_above > 0
+    assert masked["test"]["mrr@20"] > uninterrupted["test"]["mrr@20"]
+
+
+def test_evaluate_run_errors(
+    uninterrupted_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["evaluate", "--run", str(tmp_path / "absent")]) == 2
+    assert "absent does not exist" in capsys.readouterr().err
+    other = write_tiny(tmp_path / "other.txt", users=30, items=20)
+    assert main(["evaluate", "--run", str(uninterrupted_dir), "--data", f"sasrec:{other}"]) == 2
+    err = capsys.readouterr().err
+    assert "the data has 20 items" in err and "another id mapping than the run (25" in err
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--run", str(uninterrupted_dir), "--checkpoint-dir", str(tmp_path)])
+    assert "not allowed with argument" in capsys.readouterr().err

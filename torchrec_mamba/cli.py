@@ -5,6 +5,7 @@ Examples::
     torchrec-mamba train --data sasrec:../shared/data/amazon-beauty/Beauty.txt --output runs/beauty
     torchrun --standalone --nproc_per_node=2 -m torchrec_mamba.cli train --data sasrec:data.txt \\
         --sharding row_wise --checkpoint-dir runs/ckpt --output runs/rw
+    torchrec-mamba evaluate --run runs/beauty --split test --mask-seen --output runs/beauty/masked.json
     torchrec-mamba evaluate --checkpoint-dir runs/ckpt --split test
     torchrec-mamba recommend --run runs/beauty --input histories.txt -k 10 --output recs.jsonl
     torchrec-mamba plan --items 1000000000 --dim 128 --gpus 64 --hbm-gb 80
@@ -64,11 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train, early-stop on validation, report test metrics")
     add_run_config_args(train)
 
-    evaluate = sub.add_parser("evaluate", help="evaluate the checkpoint in --checkpoint-dir")
-    evaluate.add_argument("--checkpoint-dir", required=True)
+    evaluate = sub.add_parser(
+        "evaluate", help="full-ranking metrics of a finished run (--run) or a checkpoint")
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", default=None,
+                        help="a finished train run dir (run_config.json, data_info.json, model.pt)")
+    source.add_argument("--checkpoint-dir", default=None, help="a train --checkpoint-dir")
     evaluate.add_argument("--data", default=None, help="FORMAT:PATH (default: the training data)")
     evaluate.add_argument("--split", default="test", choices=["valid", "test"])
-    evaluate.add_argument("--output", default=None, help="write OUTPUT/eval_metrics.json too")
+    evaluate.add_argument("--mask-seen", action=argparse.BooleanOptionalAction, default=None,
+                          help="exclude each user's history from the ranking (default: as trained)")
+    evaluate.add_argument("--output", default=None,
+                          help="write the report to OUTPUT if it ends in .json, else to "
+                               "OUTPUT/eval_metrics.json")
     evaluate.add_argument("--eval-batch-size", type=int, default=None)
     evaluate.add_argument("--no-progress", action="store_true")
     _add_serving_parsers(sub)
@@ -246,8 +255,86 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import dataclasses
+    """``evaluate --run DIR`` (a finished run's best model) or ``--checkpoint-dir`` (the latest)."""
+    if args.run is not None:
+        return _evaluate_run(args)
+    return _evaluate_checkpoint(args)
 
+
+def _eval_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``RunConfig`` fields ``evaluate``'s flags override."""
+    changes: dict[str, Any] = {"resume": False}
+    if args.data:
+        changes["data"] = args.data
+    if args.eval_batch_size is not None:
+        changes["eval_batch_size"] = args.eval_batch_size
+    return changes
+
+
+def _write_eval_report(report: dict[str, Any], output: str | None) -> None:
+    """Print the report as one JSON line; also write it to ``output`` (a .json file or a dir)."""
+    text = json.dumps(report)
+    if output:
+        target = Path(output)
+        if target.suffix != ".json":
+            target = target / "eval_metrics.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text + "\n")
+    print(text, flush=True)
+
+
+def _check_same_items(data: SequenceData, run: Path) -> None:
+    """The data must map raw item ids to the dense ids the run trained with."""
+    from torchrec_mamba.train.config import DATA_INFO, DataInfo
+
+    info, found = DataInfo.load(run), DataInfo.from_sequence_data(data)
+    same = (info.num_items, info.num_categories) == (found.num_items, found.num_categories)
+    if same and info.raw_item_ids is not None:
+        same = info.raw_item_ids == found.raw_item_ids
+    if not same:
+        raise ValueError(
+            f"the data has {found.num_items} items / {found.num_categories} categories with "
+            f"another id mapping than the run ({info.num_items} / {info.num_categories}, "
+            f"{run / DATA_INFO}): evaluate on the data the run was trained on")
+
+
+def _evaluate_run(args: argparse.Namespace) -> int:
+    """Evaluate ``model.pt`` of a finished run dir on its data (or ``--data``), full ranking."""
+    from torchrec_mamba.data import load_sequences
+    from torchrec_mamba.serving.recommender import Recommender
+    from torchrec_mamba.train.config import RunConfig
+    from torchrec_mamba.train.distributed import destroy_distributed
+    from torchrec_mamba.train.loop import evaluate
+
+    run = Path(args.run)
+    try:
+        rec = Recommender.load(run)  # checks the three files, naming a missing or corrupt one
+        cfg = RunConfig.load(run)
+    except (ValueError, OSError) as err:
+        return _error(err)
+    # model.pt is a whole unsharded model: no sharding, no resume, no checkpoints
+    changes = {**_eval_changes(args), "sharding": None, "checkpoint_dir": None}
+    cfg, ctx = _start(dataclasses.replace(cfg, **changes))
+    mask_seen = cfg.mask_seen if args.mask_seen is None else args.mask_seen
+    try:
+        try:
+            data = load_sequences(cfg.data)
+            _check_same_items(data, run)
+            _, _, valid, test = _loaders(cfg, data, ctx)
+        except (ValueError, OSError) as err:
+            return _error(err)
+        model = rec.model.to(ctx.device)
+        metrics = evaluate(model, test if args.split == "test" else valid, ctx, mask_seen=mask_seen)
+        if ctx.is_main:
+            _write_eval_report({args.split: metrics, "mask_seen": mask_seen, "run": str(run),
+                                "data": cfg.data}, args.output)
+    finally:
+        destroy_distributed(ctx)
+    return 0
+
+
+def _evaluate_checkpoint(args: argparse.Namespace) -> int:
+    """Evaluate the latest checkpoint of a ``--checkpoint-dir`` (sharded runs included)."""
     from torchrec_mamba.train.checkpoint import load_checkpoint
     from torchrec_mamba.train.config import RunConfig
     from torchrec_mamba.train.distributed import destroy_distributed
@@ -257,12 +344,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         cfg = RunConfig.load(Path(args.checkpoint_dir) / _RUN_CONFIG)
     except (ValueError, OSError) as err:
         return _error(err)
-    changes: dict[str, Any] = {"resume": False}
-    if args.data:
-        changes["data"] = args.data
-    if args.eval_batch_size is not None:
-        changes["eval_batch_size"] = args.eval_batch_size
-    cfg, ctx = _start(dataclasses.replace(cfg, **changes))
+    cfg, ctx = _start(dataclasses.replace(cfg, **_eval_changes(args)))
+    mask_seen = cfg.mask_seen if args.mask_seen is None else args.mask_seen
     try:
         try:
             model, optimizer, (_, valid, test), _, _ = _prepare_run(cfg, ctx)
@@ -272,15 +355,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         if restored is None:
             return _error(f"no checkpoint in {args.checkpoint_dir}")
         loader = test if args.split == "test" else valid
-        metrics = evaluate(model, loader, ctx, mask_seen=cfg.mask_seen)
-        report = {args.split: metrics, "epoch": restored[0]["epoch"],
-                  "checkpoint_dir": args.checkpoint_dir}
+        metrics = evaluate(model, loader, ctx, mask_seen=mask_seen)
         if ctx.is_main:
-            text = json.dumps(report)
-            if args.output:
-                Path(args.output).mkdir(parents=True, exist_ok=True)
-                (Path(args.output) / "eval_metrics.json").write_text(text + "\n")
-            print(text, flush=True)
+            _write_eval_report({args.split: metrics, "epoch": restored[0]["epoch"],
+                                "mask_seen": mask_seen, "checkpoint_dir": args.checkpoint_dir},
+                               args.output)
     finally:
         destroy_distributed(ctx)
     return 0
