@@ -221,7 +221,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         try:
             model, optimizer, (train, valid, test), info, derived = _prepare_run(cfg, ctx)
-            if mode == "resume":  # compare the saved run with this one before any weight loads
+            if mode == "resume" and cfg.checkpoint_dir is not None:  # before any weight loads
                 check_resume_config(cfg.checkpoint_dir, {**cfg.to_dict(), **info.to_dict()})
         except (ValueError, OSError) as err:  # bad or missing data file, impossible setting
             return _error(err)

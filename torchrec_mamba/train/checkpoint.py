@@ -65,7 +65,8 @@ _PREVIOUS = "checkpoint.prev.pt"
 _LATEST = "latest"
 _REQUIRED = ("version", "progress", "loader", "rng")
 # numpy pieces of a numpy RNG state pickled as arrays (files written before it became a list)
-_NUMPY_GLOBALS = [np.core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+_NUMPY_GLOBALS = [np.core.multiarray._reconstruct,  # type: ignore[attr-defined]
+                  np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 class CorruptCheckpointError(ValueError):
@@ -87,7 +88,7 @@ def capture_rng() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": (kind, keys.tolist(), pos, has_gauss, cached),  # a list: weights_only loads it
+        "numpy": (kind, np.asarray(keys).tolist(), pos, has_gauss, cached),  # a list: weights_only loads it
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
