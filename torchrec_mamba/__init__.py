@@ -6,8 +6,9 @@ kernel compiles only when a scan first asks for the "cpu" backend.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from torchrec_mamba._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -56,13 +57,4 @@ if TYPE_CHECKING:
     from torchrec_mamba.train.config import RunConfig, build_model
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'torchrec_mamba' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -13,8 +13,9 @@ Names load on first access.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from torchrec_mamba._lazy import lazy_exports
 
 _LAZY = {
     "ChunkedTopK": "torchrec_mamba.serving.topk",
@@ -49,13 +50,4 @@ if TYPE_CHECKING:
     from torchrec_mamba.serving.vocab import IdVocab
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'torchrec_mamba.serving' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -9,8 +9,9 @@ Names load on first access, so ``import torchrec_mamba.train.metrics`` does not 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from torchrec_mamba._lazy import lazy_exports
 
 _LAZY = {
     "DistributedContext": "torchrec_mamba.train.process_group",
@@ -79,13 +80,4 @@ if TYPE_CHECKING:
     from torchrec_mamba.train.sharding import shard_model, unwrap
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'torchrec_mamba.train' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
