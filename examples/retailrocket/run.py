@@ -54,6 +54,11 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
+from torchrec_mamba_preprocessing.retailrocket import RAW_FILES, ETLConfig, run_etl  # noqa: E402
+from torchrec_mamba_preprocessing.synthetic import (  # noqa: E402
+    SyntheticConfig,
+    write_retailrocket,
+)
 
 from torchrec_mamba.data import ParquetSequenceLoader  # noqa: E402
 from torchrec_mamba.models import SequentialRecommender  # noqa: E402
@@ -66,11 +71,6 @@ from torchrec_mamba.train.distributed import (  # noqa: E402
 )
 from torchrec_mamba.train.loop import FitConfig, fit  # noqa: E402
 from torchrec_mamba.train.metrics import RankingMetrics  # noqa: E402
-from torchrec_mamba_preprocessing.retailrocket import RAW_FILES, ETLConfig, run_etl  # noqa: E402
-from torchrec_mamba_preprocessing.synthetic import (  # noqa: E402
-    SyntheticConfig,
-    write_retailrocket,
-)
 
 __all__ = ["BUCKET", "KS", "MODELS", "TASKS", "build_parser", "main"]
 
