@@ -121,14 +121,15 @@ def test_plan_subcommand_runs_the_planner(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_readme_snippet_runs(trained: tuple[Path, Path], tmp_path: Path) -> None:
-    """The README snippet of docs/fragments/serve2.md, run against a trained run dir."""
+    """The README's "Recommend and serve" snippet, run against a trained run dir."""
     _, run = trained
-    text = (Path(__file__).parents[1] / "docs" / "fragments" / "serve2.md").read_text()
-    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    section = text.split("## Recommend and serve", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
     code = code.replace('"runs/demo"', repr(str(run)))
     code = code.replace('"/tmp/states.pt"', repr(str(tmp_path / "states.pt")))
     scope: dict[str, object] = {}
-    exec(compile(code, "serve2.md", "exec"), scope)  # noqa: S102 - the documented snippet itself
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the documented snippet itself
     ids, store = scope["ids"], scope["store"]
     assert tuple(ids.shape) == (2, 10)  # type: ignore[attr-defined]
     assert store.num_events([1, 2]).tolist() == [4, 2]  # type: ignore[attr-defined]
