@@ -90,24 +90,22 @@ def make_tasks(
                      logits_dtype, targets_per_row)
     ]
     if category_loss_weight > 0:
-        category = NextCategoryTask(num_categories, category_loss_weight, loss_positions)
-        category.targets_per_row = targets_per_row
-        tasks.append(category)
+        tasks.append(NextCategoryTask(num_categories, category_loss_weight, loss_positions,
+                                      targets_per_row))
     return tasks
 
 
 def _assemble(
     encoder: nn.Module,
+    tasks: list[TiedSoftmaxTask],
     num_items: int,
     embedding_dim: int,
     num_categories: int,
-    task_kwargs: dict[str, Any],
     side_features: Sequence[SideFeature],
     device: torch.device | str | None,
     input_scale: float,
 ) -> SequentialRecommender:
     tables = SequenceTables(num_items, embedding_dim, num_categories)
-    tasks = make_tasks(num_items, num_categories, **task_kwargs)
     return SequentialRecommender(tables, encoder, tasks, side_features, device, input_scale)
 
 
@@ -155,11 +153,10 @@ def mamba4rec(
         ('MambaSequenceEncoder', ['next_item'])
     """
     encoder = MambaSequenceEncoder(d_model=embedding_dim, device=device, **encoder_kwargs)
-    task_kwargs = dict(category_loss_weight=category_loss_weight, loss_positions=loss_positions,
-                       sampled_softmax=sampled_softmax, item_counts=item_counts,
-                       logits_dtype=logits_dtype, targets_per_row=targets_per_row)
-    return _assemble(encoder, num_items, embedding_dim, num_categories, task_kwargs,
-                     side_features, device, input_scale)
+    tasks = make_tasks(num_items, num_categories, category_loss_weight, 1.0, loss_positions,
+                       sampled_softmax, item_counts, logits_dtype, targets_per_row)
+    return _assemble(encoder, tasks, num_items, embedding_dim, num_categories, side_features,
+                     device, input_scale)
 
 
 def sasrec(
@@ -190,11 +187,10 @@ def sasrec(
         'SASRecEncoder'
     """
     encoder = SASRecEncoder(d_model=embedding_dim, device=device, **encoder_kwargs)
-    task_kwargs = dict(category_loss_weight=category_loss_weight, loss_positions=loss_positions,
-                       sampled_softmax=sampled_softmax, item_counts=item_counts,
-                       logits_dtype=logits_dtype, targets_per_row=targets_per_row)
-    return _assemble(encoder, num_items, embedding_dim, num_categories, task_kwargs,
-                     side_features, device, input_scale)
+    tasks = make_tasks(num_items, num_categories, category_loss_weight, 1.0, loss_positions,
+                       sampled_softmax, item_counts, logits_dtype, targets_per_row)
+    return _assemble(encoder, tasks, num_items, embedding_dim, num_categories, side_features,
+                     device, input_scale)
 
 
 @dataclass(frozen=True)

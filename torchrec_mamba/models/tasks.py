@@ -306,6 +306,7 @@ class NextCategoryTask(TiedSoftmaxTask):
         num_categories (int): number of categories C.
         loss_weight (float): Default: 1.0.
         loss_positions (str): ``"all"`` or ``"last"``. Default: ``"all"``.
+        targets_per_row (float | None): see :class:`TiedSoftmaxTask`. Default: None.
 
     Example::
 
@@ -314,9 +315,14 @@ class NextCategoryTask(TiedSoftmaxTask):
     """
 
     def __init__(
-        self, num_categories: int, loss_weight: float = 1.0, loss_positions: LossPositions = "all"
+        self,
+        num_categories: int,
+        loss_weight: float = 1.0,
+        loss_positions: LossPositions = "all",
+        targets_per_row: float | None = None,
     ) -> None:
-        super().__init__(CATEGORY, "next_category", num_categories, loss_weight, loss_positions)
+        super().__init__(CATEGORY, "next_category", num_categories, loss_weight, loss_positions,
+                         targets_per_row=targets_per_row)
 
 
 def check_tasks(tables: SequenceTables, tasks: Sequence[TiedSoftmaxTask]) -> None:
