@@ -152,7 +152,12 @@ def _prepare_run(cfg: RunConfig, ctx: DistributedContext):  # type: ignore[no-un
     import torch
 
     from torchrec_mamba.data import load_sequences
-    from torchrec_mamba.train.config import DataInfo, build_model, targets_per_row
+    from torchrec_mamba.train.config import (
+        DataInfo,
+        build_model,
+        resolve_head_dtype,
+        targets_per_row,
+    )
     from torchrec_mamba.train.distributed import (
         build_optimizer,
         resolve_embedding_optimizer,
@@ -177,7 +182,13 @@ def _prepare_run(cfg: RunConfig, ctx: DistributedContext):  # type: ignore[no-un
     if cfg.sharding is not None:
         model = shard_model(model, cfg.sharding, ctx, emb_opt)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, emb_opt)
+    head_dtype = resolve_head_dtype(cfg.head_dtype, ctx.device)
+    if ctx.is_main and cfg.head_dtype == "auto":
+        logger.info(
+            "head_dtype 'auto' -> %s (%s)", head_dtype,
+            "native bf16 GEMMs" if head_dtype == "bfloat16" else "no native bf16 GEMMs here")
     derived = dict(embedding_optimizer_resolved={"name": emb_opt.name, "lr": emb_opt.lr},
+                   head_dtype_resolved=head_dtype,
                    num_items=data.num_items, num_users=data.num_users,
                    world_size=ctx.world_size, split_stats=dict(split.stats))
     return model, optimizer, (train, valid, test), info, derived

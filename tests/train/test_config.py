@@ -31,7 +31,7 @@ def test_documented_defaults() -> None:
     assert (cfg.lr, cfg.batch_size, cfg.length_buckets, cfg.epochs, cfg.patience) == (
         2e-3, 128, 16, 60, 10)
     assert (cfg.head_dtype, cfg.loss_normalization, cfg.embedding_scale) == (
-        "bfloat16", "global", "sqrt")
+        "auto", "global", "sqrt")
     assert (cfg.num_layers, cfg.d_model, cfg.max_len, cfg.eval_batch_size) == (2, 64, 50, 1024)
     assert MODEL_DROPOUT == {"mamba4rec": 0.5, "sasrec": 0.5}
     assert RunConfig(model="sasrec").resolved().dropout == 0.5
@@ -96,3 +96,21 @@ def test_one_build_model_and_no_training_loop_outside_train() -> None:
     loops = [p for p in files if "optimizer.step()" in p.read_text() or "opt.step()" in p.read_text()]
     assert all(p.relative_to(ROOT).parts[:2] == ("torchrec_mamba", "train")
                or p.relative_to(ROOT).as_posix() in independent for p in loops), loops
+
+
+def test_head_dtype_auto_follows_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """'auto' is bf16 only where bf16 GEMMs are native: emulated bf16 is ~5x slower than fp32."""
+    from torchrec_mamba.train import config as config_module
+
+    for native, expected in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda n=native: n)
+        assert config_module.resolve_head_dtype("auto", "cpu") == (
+            "bfloat16" if native else "float32")
+        model = build_model(RunConfig(d_model=8, d_state=4, num_layers=1, backend="reference"),
+                            DataInfo(num_items=10))
+        assert model.tasks[0].head.logits_dtype == expected
+        # an explicit choice is kept whatever the hardware
+        assert config_module.resolve_head_dtype("bfloat16", "cpu") == "bfloat16"
+        assert config_module.resolve_head_dtype("float32", "cpu") == "float32"
+    with pytest.raises(ValueError, match="got 'half'"):
+        config_module.resolve_head_dtype("half")

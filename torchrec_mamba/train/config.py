@@ -34,6 +34,8 @@ __all__ = [
     "RunConfig",
     "add_run_config_args",
     "build_model",
+    "native_bf16_gemm",
+    "resolve_head_dtype",
     "targets_per_row",
 ]
 
@@ -103,9 +105,11 @@ class RunConfig:
     patience: int = _opt(10, "early-stopping patience", "train")
     lr: float = _opt(2e-3, "learning rate", "train")
     weight_decay: float = _opt(0.0, "AdamW decay of dense weights (0: Adam)", "train")
-    head_dtype: str = _opt("bfloat16", "dtype of the training softmax product (bfloat16: several "
-                           "times faster on AVX512-BF16 CPUs and GPUs; evaluation stays float32)",
-                           "train", choices=("float32", "bfloat16"))
+    head_dtype: str = _opt("auto", "dtype of the training softmax product (auto: bfloat16 where "
+                           "the device has native bf16 GEMMs, i.e. CUDA with bf16 or a CPU with "
+                           "AVX512-BF16/AMX, else float32; bfloat16 is several times faster "
+                           "there and several times slower elsewhere; evaluation stays float32)",
+                           "train", choices=("auto", "float32", "bfloat16"))
     loss_normalization: str = _opt(
         "global", "batch: mean over each batch's targets; global: sum / (rows x mean targets per "
         "training row), so every target weighs the same whatever the length mix of its batch",
@@ -347,7 +351,8 @@ def build_model(
         device=device,
         num_layers=cfg.num_layers,
         dropout=cfg.dropout,
-        logits_dtype=torch.bfloat16 if cfg.head_dtype == "bfloat16" else None,
+        logits_dtype=torch.bfloat16 if resolve_head_dtype(cfg.head_dtype, device) == "bfloat16"
+        else None,
         targets_per_row=targets_per_row if cfg.loss_normalization == "global" else None,
         input_scale=math.sqrt(cfg.d_model) if cfg.embedding_scale == "sqrt" else 1.0,
     )
@@ -356,6 +361,39 @@ def build_model(
                          expand=cfg.expand, backend=cfg.backend, init=cfg.init, **common)
     return sasrec(data.num_items, cfg.d_model, num_heads=cfg.num_heads, max_len=cfg.max_len,
                   attn_dropout=cfg.attn_dropout, **common)
+
+
+def native_bf16_gemm(device: torch.device | str | None = None) -> bool:
+    """Whether ``device`` multiplies bf16 matrices natively (and so faster than float32).
+
+    CUDA: ``torch.cuda.is_bf16_supported()``. CPU: oneDNN's bf16 path, which needs AVX512-BF16
+    or AMX; without it a bf16 GEMM is emulated and runs about 5x *slower* than float32 (AMD Zen 3,
+    measured in ``docs/benchmarks.md``).
+    """
+    dev = torch.device(device if device is not None else "cpu")
+    if dev.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if dev.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def resolve_head_dtype(name: str, device: torch.device | str | None = None) -> str:
+    """``"float32"`` or ``"bfloat16"`` for :attr:`RunConfig.head_dtype` on ``device``.
+
+    ``"auto"`` is bfloat16 only where :func:`native_bf16_gemm` holds. Explicit names are kept, so a
+    run can still force either.
+
+    Example::
+
+        >>> resolve_head_dtype("float32")
+        'float32'
+    """
+    if name not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"head_dtype must be 'auto', 'float32' or 'bfloat16', got {name!r}")
+    if name != "auto":
+        return name
+    return "bfloat16" if native_bf16_gemm(device) else "float32"
 
 
 def targets_per_row(lengths: Any) -> float:
