@@ -35,6 +35,7 @@ import os
 
 # libgomp's spin-waiting makes small ops ~200x slower on machines with few cores; set before torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # huge pages for large torch buffers (fewer faults)
 
 import argparse  # noqa: E402
 import gzip  # noqa: E402

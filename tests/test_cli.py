@@ -263,3 +263,19 @@ def test_evaluate_run_errors(
     with pytest.raises(SystemExit):
         main(["evaluate", "--run", str(uninterrupted_dir), "--checkpoint-dir", str(tmp_path)])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "1"), ("0", "0")])
+def test_cli_turns_on_huge_pages_before_torch_unless_told_not_to(
+    preset: str | None, expected: str
+) -> None:
+    """The CLI sets THP_MEM_ALLOC_ENABLE (and OMP_WAIT_POLICY) before torch is imported; a value
+    the user set is kept."""
+    env = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "OMP_WAIT_POLICY")}
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    code = ("import sys, os, torchrec_mamba.cli; "
+            "print(os.environ['THP_MEM_ALLOC_ENABLE'], os.environ['OMP_WAIT_POLICY'])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    assert out == [expected, "PASSIVE"]

@@ -31,6 +31,10 @@ import os
 # libgomp's spin-waiting makes small ops ~200x slower on machines with few cores; this must be set
 # before torch (and so OpenMP) is loaded.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Transparent huge pages for torch's large CPU buffers (c10 reads this once, at the first
+# allocation): a fresh 300 MB logits buffer otherwise costs ~75k page faults, and the training
+# step ran 15-25% slower on the 2-vCPU box without it (docs/benchmarks.md). Set it to 0 to opt out.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
