@@ -266,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
                         default=["beauty", "ml1m", "ml100k"])
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    parser.add_argument("--seed-ids", type=int, nargs="+", default=None, metavar="S",
+                        help="exactly these seeds instead of 0..N-1 (to split one table's runs "
+                             "over parallel jobs; aggregate afterwards with --seeds N)")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "out" / "quality")
     parser.add_argument("--extra-args", default="", help="extra arguments for every train command")
     parser.add_argument("--no-plot", action="store_true")
@@ -273,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    seeds = list(range(args.seeds)) if args.seed_ids is None else list(dict.fromkeys(args.seed_ids))
+    if any(s < 0 for s in seeds):
+        parser.error(f"--seed-ids must be >= 0, got {args.seed_ids}")
 
     if not args.data_dir.is_dir():
         print(f"SKIP: public datasets not found at {args.data_dir}")
@@ -282,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for dataset in args.datasets:
         for model in args.models:
-            for seed in range(args.seeds):
+            for seed in seeds:
                 run = args.out_dir / f"{dataset}_{model}_seed{seed}"
                 cmd = train_command(dataset, model, seed, args.data_dir, run, extra)
                 metrics = ensure_run(cmd, run)

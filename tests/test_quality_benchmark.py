@@ -125,3 +125,18 @@ def test_skips_without_data(bench: ModuleType, tmp_path: Path,
     assert bench.main(["--data-dir", str(tmp_path / "absent")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("SKIP: ") and json.loads(lines[-1])["skipped"] is True
+
+
+def test_seed_ids_pick_exactly_those_runs(
+    bench: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, data = tmp_path / "out", tmp_path / "data"
+    data.mkdir()
+    fake_runs(bench, out, data)
+    assert bench.main(["--data-dir", str(data), "--out-dir", str(out), "--datasets", "beauty",
+                       "--models", "sasrec", "--seed-ids", "2", "1", "2", "--no-plot"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["runs"]["beauty/sasrec"]["seeds"] == [2, 1]  # as given, duplicates dropped
+    assert summary["runs"]["beauty/sasrec"]["unmasked"]["ndcg@10"]["mean"] == pytest.approx(0.045)
+    with pytest.raises(SystemExit):
+        bench.main(["--data-dir", str(data), "--seed-ids", "-1"])
