@@ -132,8 +132,11 @@ def _loaders(cfg: RunConfig, data: SequenceData, ctx: DistributedContext):  # ty
                                   with_category=data.item_category is not None, seed=cfg.seed)
     train = SequenceLoader(split.train, batch_size=cfg.batch_size, shuffle=True,
                            bucket=cfg.length_buckets, **common)
-    valid = SequenceLoader(split.valid, batch_size=cfg.eval_batch_size, shuffle=False, **common)
-    test = SequenceLoader(split.test, batch_size=cfg.eval_batch_size, shuffle=False, **common)
+    # sorted by length: each batch is padded to its own longest row (same metrics, ~5x less work)
+    valid = SequenceLoader(split.valid, batch_size=cfg.eval_batch_size, shuffle=False,
+                           sort_by_length=True, **common)
+    test = SequenceLoader(split.test, batch_size=cfg.eval_batch_size, shuffle=False,
+                          sort_by_length=True, **common)
     return split, train, valid, test
 
 

@@ -43,3 +43,15 @@ def test_bad_chunk_size() -> None:
     model, loader = _setup()
     with pytest.raises(ValueError, match="chunk_size must be an int >= 1"):
         evaluate_chunked(model, loader, CTX, chunk_size=0)
+
+
+@pytest.mark.parametrize("mask_seen", [False, True])
+def test_length_sorted_loader_gives_the_same_metrics(mask_seen: bool) -> None:
+    """The CLI's evaluation loaders sort rows by length: the metrics are sums over rows."""
+    model, loader = _setup()
+    ranked = SequenceLoader(loader.part, batch_size=16, shuffle=False, seed=0, sort_by_length=True)
+    assert [len(b.padded()[0][0]) for b in ranked] != [len(b.padded()[0][0]) for b in loader]
+    want = evaluate(model, loader, CTX, ks=(1, 5, 10), mask_seen=mask_seen)
+    got = evaluate(model, ranked, CTX, ks=(1, 5, 10), mask_seen=mask_seen)
+    for key in want:
+        assert got[key] == pytest.approx(want[key], abs=1e-12), key

@@ -190,6 +190,11 @@ class SequenceLoader:
             length before cutting batches, then shuffle the batch order. Batches then hold rows
             of similar length, so far less padding reaches the encoder (Beauty: mean length 8 in
             a max of 50). 0 turns it off. Default: 0.
+        sort_by_length (bool): serve this rank's rows sorted by input length (stable), for
+            evaluation: metrics are sums over rows, so their order does not change them, and
+            each batch is padded only to its own longest row (Beauty's valid split: about 5x
+            fewer padded positions than in the part's order). Not with ``shuffle``. Default:
+            False.
 
     Example::
 
@@ -216,10 +221,14 @@ class SequenceLoader:
         world_size: int = 1,
         with_category: bool = False,
         bucket: int = 0,
+        sort_by_length: bool = False,
     ) -> None:
         if not isinstance(split_part, SplitPart):
             raise TypeError(f"split_part must be a SplitPart, got {type(split_part).__name__}")
         check_batching_args(batch_size, rank, world_size, bucket)
+        if sort_by_length and shuffle:
+            raise ValueError("sort_by_length=True is for evaluation loaders: it needs "
+                             "shuffle=False (training batches use bucket=K instead)")
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         if with_category and split_part.item_category is None:
@@ -236,6 +245,7 @@ class SequenceLoader:
         self.world_size = world_size
         self.with_category = with_category
         self.bucket = bucket
+        self.sort_by_length = bool(sort_by_length)
         self._keys = ["item", "category"] if with_category else ["item"]
         self._item_category = split_part.item_category if with_category else None
         self._epoch = 0
@@ -288,6 +298,7 @@ class SequenceLoader:
             "shuffle": int(self.shuffle),
             "drop_last": int(self.drop_last),
             "bucket": self.bucket,
+            "sort_by_length": int(self.sort_by_length),
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -296,8 +307,9 @@ class SequenceLoader:
         Args:
             state (dict[str, int]): a saved state; settings that change the order must match.
         """
-        state = {"bucket": 0, **state}  # states saved before bucketing existed
-        keys = ("seed", "num_rows", "batch_size", "world_size", "shuffle", "drop_last", "bucket")
+        state = {"bucket": 0, "sort_by_length": 0, **state}  # states saved before these existed
+        keys = ("seed", "num_rows", "batch_size", "world_size", "shuffle", "drop_last", "bucket",
+                "sort_by_length")
         epoch, index = check_resume_state(
             {k: int(v) if k in keys else v for k, v in state.items()}, self.state_dict(), keys,
             len(self),
@@ -330,6 +342,9 @@ class SequenceLoader:
         rows, real = order[self.rank :: self.world_size], real[self.rank :: self.world_size]
         if self.shuffle and self.bucket > 0:
             rows, real = self._bucketed(rows, real, epoch)
+        elif self.sort_by_length:
+            by_length = np.argsort(np.diff(self.part.offsets)[rows], kind="stable")
+            rows, real = rows[by_length], real[by_length]
         return rows, real
 
     def _bucketed(self, rows: np.ndarray, real: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray]:
