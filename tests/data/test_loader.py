@@ -303,8 +303,8 @@ def test_sort_by_length_serves_the_same_rows_sorted_with_their_masks(world_size:
         assert len(ranked) == len(plain)
         assert np.all(np.diff(lengths[rows_s]) >= 0)
         # the same (row, real) pairs: a repeated filler row stays masked wherever it lands
-        assert sorted(zip(rows_s.tolist(), real_s.tolist())) == sorted(
-            zip(rows_p.tolist(), real_p.tolist()))
+        assert sorted(zip(rows_s.tolist(), real_s.tolist(), strict=True)) == sorted(
+            zip(rows_p.tolist(), real_p.tolist(), strict=True))
         padded_plain = sum(b.padded()[0].numel() for b in plain)
         padded_sorted = sum(b.padded()[0].numel() for b in ranked)
         assert padded_sorted < 0.8 * padded_plain
