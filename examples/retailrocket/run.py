@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--valid-days", type=float, default=7.0, help="validation period (default 7)")
     model = p.add_argument_group("model")
     model.add_argument("--d-model", type=int, default=64, help="embedding width (default 64)")
-    model.add_argument("--mamba-layers", type=int, default=1, help="Mamba layers (default 1)")
+    model.add_argument("--mamba-layers", type=int, default=2,
+                       help="Mamba layers (default 2: the library default, and the same depth "
+                       "as the SASRec baseline)")
     model.add_argument("--d-state", type=int, default=32, help="SSM state size (default 32)")
     model.add_argument("--sasrec-layers", type=int, default=2, help="SASRec layers (default 2)")
     model.add_argument("--num-heads", type=int, default=2, help="SASRec heads (default 2)")
