@@ -242,8 +242,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     loaders = {
         "train": SequenceLoader(train, args.batch_size, shuffle=True, seed=args.seed,
                                 bucket=args.length_buckets),
-        "valid": SequenceLoader(valid, args.eval_batch_size, shuffle=False, seed=args.seed),
-        "test": SequenceLoader(test, args.eval_batch_size, shuffle=False, seed=args.seed),
+        # sorted by length like the CLI's: each batch padded to its own longest row, same metrics
+        "valid": SequenceLoader(valid, args.eval_batch_size, shuffle=False, seed=args.seed,
+                                sort_by_length=True),
+        "test": SequenceLoader(test, args.eval_batch_size, shuffle=False, seed=args.seed,
+                               sort_by_length=True),
     }
     fit_config = FitConfig(epochs=args.epochs, patience=args.patience, ks=KS,
                            progress=not args.no_progress)

@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     loader = SequenceLoader(train_part, args.batch_size, shuffle=True, seed=args.seed,
                             drop_last=True, rank=ctx.rank, world_size=ctx.world_size)
     test_loader = SequenceLoader(test_part, 1024, shuffle=False, seed=0, rank=ctx.rank,
-                                 world_size=ctx.world_size)
+                                 world_size=ctx.world_size, sort_by_length=True)
     local = torch.tensor([table_bytes(dmp)], dtype=torch.float64)
     gathered = [torch.zeros_like(local) for _ in range(ctx.world_size)]
     dist.all_gather(gathered, local)
