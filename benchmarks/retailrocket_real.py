@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=50, help="longest input (default 50)")
     p.add_argument("--d-model", type=int, default=64, help="embedding width (default 64)")
     p.add_argument("--d-state", type=int, default=32, help="Mamba state size (default 32)")
-    p.add_argument("--mamba-layers", type=int, default=1, help="default 1")
+    p.add_argument("--mamba-layers", type=int, default=2,
+                   help="default 2 (the library default, the same depth as SASRec)")
     p.add_argument("--sasrec-layers", type=int, default=2, help="default 2")
     p.add_argument("--dropout", type=float, default=0.2, help="default 0.2")
     p.add_argument("--sampled-softmax", type=int, default=1024, metavar="S",
