@@ -94,9 +94,20 @@ def expected_config(command: Sequence[str]) -> dict[str, Any]:
 
 
 def config_mismatch(recorded: dict[str, Any], expected: dict[str, Any]) -> list[str]:
-    """``"name: recorded -> expected"`` for every RunConfig field that differs."""
-    return [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in sorted(expected.items())
-            if k not in _IGNORED_CONFIG and recorded.get(k) != v]
+    """``"name: recorded -> expected"`` for every RunConfig field that differs.
+
+    A field missing from ``recorded`` (a run made before the field existed) counts as its
+    RunConfig default, which is the behaviour that run had.
+    """
+    from torchrec_mamba.train.config import RunConfig
+
+    defaults = RunConfig().to_dict()
+    out = []
+    for k, v in sorted(expected.items()):
+        was = recorded.get(k, defaults.get(k))
+        if k not in _IGNORED_CONFIG and was != v:
+            out.append(f"{k}: {was!r} -> {v!r}")
+    return out
 
 
 def _run(cmd: list[str]) -> None:

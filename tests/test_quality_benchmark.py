@@ -140,3 +140,12 @@ def test_seed_ids_pick_exactly_those_runs(
     assert summary["runs"]["beauty/sasrec"]["unmasked"]["ndcg@10"]["mean"] == pytest.approx(0.045)
     with pytest.raises(SystemExit):
         bench.main(["--data-dir", str(data), "--seed-ids", "-1"])
+
+
+def test_a_field_missing_from_an_old_run_counts_as_its_default(bench: ModuleType) -> None:
+    cmd = bench.train_command("beauty", "mamba4rec", 0, Path("data"), Path("run"), [])
+    expected = bench.expected_config(cmd)
+    old = {k: v for k, v in expected.items() if k != "label_smoothing"}  # made before the field
+    assert bench.config_mismatch(old, expected) == []
+    smoothed = bench.expected_config(cmd + ["--label-smoothing", "0.1"])
+    assert bench.config_mismatch(old, smoothed) == ["label_smoothing: 0.0 -> 0.1"]

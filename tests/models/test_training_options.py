@@ -126,3 +126,51 @@ def test_targets_per_row() -> None:
     assert targets_per_row([1, 2, 6]) == 3.0
     with pytest.raises(ValueError, match="no targets"):
         targets_per_row([])
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_label_smoothing_matches_the_mixture_of_targets_and_uniform(eps: float,
+                                                                    dtype: torch.dtype) -> None:
+    torch.manual_seed(2)
+    user = torch.randn(9, 8, dtype=dtype, requires_grad=True)
+    cand = torch.randn(30, 8, dtype=dtype, requires_grad=True)
+    targets = torch.randint(1, 31, (9,))
+    loss = FullSoftmaxHead(label_smoothing=eps)(user, cand, targets)
+    # independent oracle: cross-entropy against q = (1 - eps) * onehot + eps / I
+    logp = torch.log_softmax(user.double() @ cand.double().T, dim=1)  # (T, I)
+    q = torch.full_like(logp, eps / 30)
+    q[torch.arange(9), targets - 1] += 1.0 - eps
+    ref = -(q * logp).sum(1).mean()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(torch.autograd.grad(loss, (user, cand)), torch.autograd.grad(ref, (user, cand)),
+                    strict=True):
+        torch.testing.assert_close(g.double(), r.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_label_smoothing_errors_name_the_value() -> None:
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\), got 1.0"):
+        FullSoftmaxHead(label_smoothing=1.0)
+    with pytest.raises(ValueError, match=r"got -0.1"):
+        NextItemTask(num_items=5, label_smoothing=-0.1)
+    with pytest.raises(TypeError, match="got '0.1'"):
+        FullSoftmaxHead(label_smoothing="0.1")  # type: ignore[arg-type]
+    from torchrec_mamba.models import SampledSoftmaxConfig
+    with pytest.raises(ValueError, match="label_smoothing=0.1 needs the full softmax"):
+        NextItemTask(num_items=5, sampled_softmax=SampledSoftmaxConfig(3), label_smoothing=0.1)
+    with pytest.raises(ValueError, match=r"RunConfig.label_smoothing must be in \[0, 1\), got 2"):
+        RunConfig(label_smoothing=2)
+    with pytest.raises(ValueError, match="label_smoothing=0.1 needs the full softmax, but "
+                                         "sampled_softmax=64"):
+        RunConfig(label_smoothing=0.1, sampled_softmax=64)
+
+
+def test_label_smoothing_reaches_the_item_head_only() -> None:
+    small = dict(d_model=8, d_state=4, num_layers=1, backend="reference")
+    for model_name in ("mamba4rec", "sasrec"):
+        cfg = RunConfig(**small, model=model_name, label_smoothing=0.2, category_loss_weight=0.5)
+        model = build_model(cfg, DataInfo(num_items=10, num_categories=3))
+        item, category = model.tasks
+        assert item.head.label_smoothing == 0.2
+        assert category.head.label_smoothing == 0.0
+    assert build_model(RunConfig(**small), DataInfo(num_items=10)).tasks[0].head.label_smoothing == 0

@@ -21,6 +21,14 @@ from torch import Tensor, nn
 __all__ = ["FullSoftmaxHead", "SampledSoftmaxConfig", "SampledSoftmaxHead", "masked_mean"]
 
 
+def check_label_smoothing(value: object) -> None:
+    """Raise ``TypeError``/``ValueError`` naming ``value`` unless it is a float in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"label_smoothing must be a float in [0, 1), got {value!r}")
+    if not (math.isfinite(value) and 0.0 <= value < 1.0):
+        raise ValueError(f"label_smoothing must be in [0, 1), got {value!r}")
+
+
 def masked_mean(per_target: Tensor) -> Tensor:
     """Mean of ``per_target`` (T,) that is still connected to the graph when T == 0 (then 0)."""
     if per_target.numel() == 0:
@@ -37,6 +45,10 @@ class FullSoftmaxHead(nn.Module):
         logits_dtype (torch.dtype | None): dtype of the training product ``user @ candidates.T``
             (e.g. ``torch.bfloat16``: several times faster on CPUs with AVX512-BF16 and on
             GPUs); the softmax and the loss stay float32. None: the inputs' dtype. Default: None.
+        label_smoothing (float): in [0, 1): the target distribution puts ``1 - eps`` on the
+            target and spreads ``eps`` uniformly over all I candidates
+            (``F.cross_entropy(label_smoothing=eps)``). Training loss only; scores and
+            metrics are unchanged. Default: 0.0.
 
     Example::
 
@@ -49,11 +61,13 @@ class FullSoftmaxHead(nn.Module):
         True
     """
 
-    def __init__(self, logits_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, logits_dtype: torch.dtype | None = None, label_smoothing: float = 0.0) -> None:
         super().__init__()
         if logits_dtype not in (None, torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise ValueError(f"FullSoftmaxHead: unsupported logits_dtype {logits_dtype}")
+        check_label_smoothing(label_smoothing)
         self.logits_dtype = logits_dtype
+        self.label_smoothing = float(label_smoothing)
 
     def forward(self, user: Tensor, candidates: Tensor, targets: Tensor) -> Tensor:
         """Mean cross-entropy of the targets.
@@ -73,7 +87,8 @@ class FullSoftmaxHead(nn.Module):
             logits = (user.to(dtype) @ candidates.to(dtype).t()).float()  # (T, I)
         else:
             logits = user @ candidates.t()  # (T, I)
-        per_target = F.cross_entropy(logits, targets.long() - 1, reduction="none")  # (T,)
+        per_target = F.cross_entropy(logits, targets.long() - 1, reduction="none",
+                                     label_smoothing=self.label_smoothing)  # (T,)
         return masked_mean(per_target)
 
     @staticmethod

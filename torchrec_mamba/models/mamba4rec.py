@@ -72,10 +72,12 @@ def make_tasks(
     item_counts: Tensor | None = None,
     logits_dtype: torch.dtype | None = None,
     targets_per_row: float | None = None,
+    label_smoothing: float = 0.0,
 ) -> list[TiedSoftmaxTask]:
     """Next item, plus next category when ``category_loss_weight > 0``.
 
-    ``logits_dtype`` applies to the item softmax, ``targets_per_row`` to both tasks (see
+    ``logits_dtype`` and ``label_smoothing`` apply to the item softmax, ``targets_per_row`` to
+    both tasks (see
     :class:`~torchrec_mamba.models.tasks.TiedSoftmaxTask`).
 
     Example::
@@ -87,7 +89,7 @@ def make_tasks(
         raise ValueError("category_loss_weight > 0 needs num_categories > 0 (a category table)")
     tasks: list[TiedSoftmaxTask] = [
         NextItemTask(num_items, item_loss_weight, loss_positions, sampled_softmax, item_counts,
-                     logits_dtype, targets_per_row)
+                     logits_dtype, targets_per_row, label_smoothing)
     ]
     if category_loss_weight > 0:
         tasks.append(NextCategoryTask(num_categories, category_loss_weight, loss_positions,
@@ -123,6 +125,7 @@ def mamba4rec(
     logits_dtype: torch.dtype | None = None,
     targets_per_row: float | None = None,
     input_scale: float = 1.0,
+    label_smoothing: float = 0.0,
     **encoder_kwargs: Any,
 ) -> SequentialRecommender:
     """Mamba4Rec: a :class:`MambaSequenceEncoder` between the tables and the tasks.
@@ -143,6 +146,8 @@ def mamba4rec(
         targets_per_row (float | None): "global" loss normalisation constant
             (:class:`~torchrec_mamba.models.tasks.TiedSoftmaxTask`). Default: None (batch mean).
         input_scale (float): factor on the embeddings entering the encoder. Default: 1.0.
+        label_smoothing (float): label smoothing of the full item softmax
+            (:class:`~torchrec_mamba.models.heads.FullSoftmaxHead`). Default: 0.0.
         **encoder_kwargs: passed to ``MambaSequenceEncoder`` (``num_layers``, ``d_state``,
             ``d_conv``, ``expand``, ``dropout``, ``backend``, ``init``) with its defaults.
 
@@ -154,7 +159,8 @@ def mamba4rec(
     """
     encoder = MambaSequenceEncoder(d_model=embedding_dim, device=device, **encoder_kwargs)
     tasks = make_tasks(num_items, num_categories, category_loss_weight, 1.0, loss_positions,
-                       sampled_softmax, item_counts, logits_dtype, targets_per_row)
+                       sampled_softmax, item_counts, logits_dtype, targets_per_row,
+                       label_smoothing)
     return _assemble(encoder, tasks, num_items, embedding_dim, num_categories, side_features,
                      device, input_scale)
 
@@ -173,6 +179,7 @@ def sasrec(
     logits_dtype: torch.dtype | None = None,
     targets_per_row: float | None = None,
     input_scale: float = 1.0,
+    label_smoothing: float = 0.0,
     **encoder_kwargs: Any,
 ) -> SequentialRecommender:
     """The SASRec baseline: the same tables and tasks with a :class:`SASRecEncoder`.
@@ -188,7 +195,8 @@ def sasrec(
     """
     encoder = SASRecEncoder(d_model=embedding_dim, device=device, **encoder_kwargs)
     tasks = make_tasks(num_items, num_categories, category_loss_weight, 1.0, loss_positions,
-                       sampled_softmax, item_counts, logits_dtype, targets_per_row)
+                       sampled_softmax, item_counts, logits_dtype, targets_per_row,
+                       label_smoothing)
     return _assemble(encoder, tasks, num_items, embedding_dim, num_categories, side_features,
                      device, input_scale)
 

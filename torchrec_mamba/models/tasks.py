@@ -26,7 +26,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from torchrec_mamba.models.heads import FullSoftmaxHead, SampledSoftmaxConfig, SampledSoftmaxHead
+from torchrec_mamba.models.heads import (
+    FullSoftmaxHead,
+    SampledSoftmaxConfig,
+    SampledSoftmaxHead,
+    check_label_smoothing,
+)
 from torchrec_mamba.models.tables import CATEGORY, ITEM, SequenceTables, candidate_key
 from torchrec_mamba.modules.sequence import gather_last, padding_mask
 
@@ -135,6 +140,9 @@ class TiedSoftmaxTask(nn.Module):
             instead ("global"): with N the mean targets per training row, every target weighs
             the same whatever the batch's mix of lengths, as in a randomly batched epoch, also
             when length-bucketed batches hold 20x more targets than others. Default: None.
+        label_smoothing (float): label smoothing of the full softmax (see
+            :class:`~torchrec_mamba.models.heads.FullSoftmaxHead`); must be 0 with a sampled
+            softmax. Default: 0.0.
     """
 
     def __init__(
@@ -148,8 +156,14 @@ class TiedSoftmaxTask(nn.Module):
         counts: Tensor | None = None,
         logits_dtype: torch.dtype | None = None,
         targets_per_row: float | None = None,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
+        check_label_smoothing(label_smoothing)
+        if label_smoothing > 0 and sampled_softmax is not None:
+            raise ValueError(f"{name}: label_smoothing={label_smoothing} needs the full softmax "
+                             "(it is not defined over sampled negatives); set it to 0 or drop "
+                             "sampled_softmax")
         if targets_per_row is not None and not (
             isinstance(targets_per_row, (int, float)) and math.isfinite(targets_per_row)
             and targets_per_row > 0
@@ -170,7 +184,7 @@ class TiedSoftmaxTask(nn.Module):
         self.sampled_softmax = sampled_softmax
         self.targets_per_row = None if targets_per_row is None else float(targets_per_row)
         self.head: nn.Module = (
-            FullSoftmaxHead(logits_dtype)
+            FullSoftmaxHead(logits_dtype, label_smoothing)
             if sampled_softmax is None
             else SampledSoftmaxHead(sampled_softmax)
         )
@@ -273,6 +287,7 @@ class NextItemTask(TiedSoftmaxTask):
         item_counts (Tensor | None): (I + 1,) training counts for the proposal. Default: None.
         logits_dtype (torch.dtype | None): see :class:`TiedSoftmaxTask`. Default: None.
         targets_per_row (float | None): see :class:`TiedSoftmaxTask`. Default: None.
+        label_smoothing (float): see :class:`TiedSoftmaxTask`. Default: 0.0.
 
     Example::
 
@@ -292,10 +307,11 @@ class NextItemTask(TiedSoftmaxTask):
         item_counts: Tensor | None = None,
         logits_dtype: torch.dtype | None = None,
         targets_per_row: float | None = None,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__(
             ITEM, "next_item", num_items, loss_weight, loss_positions, sampled_softmax, item_counts,
-            logits_dtype, targets_per_row,
+            logits_dtype, targets_per_row, label_smoothing,
         )
 
 

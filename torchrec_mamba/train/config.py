@@ -100,6 +100,8 @@ class RunConfig:
     embedding_scale: str = _opt("sqrt", "scale the embeddings entering the encoder: none, or "
                                 "sqrt (times sqrt(d_model), as the original SASRec)", "model",
                                 choices=("none", "sqrt"))
+    label_smoothing: float = _opt(0.0, "label smoothing of the full item softmax, in [0, 1) "
+                                  "(0: none; needs --sampled-softmax 0)", "model")
     # --- optimisation ---
     epochs: int = _opt(60, "maximum epochs", "train")
     patience: int = _opt(10, "early-stopping patience", "train")
@@ -164,6 +166,13 @@ class RunConfig:
                 raise ValueError(f"RunConfig.{name} must be in [0, 1), got {p!r}")
         if not self.lr > 0:
             raise ValueError(f"RunConfig.lr must be > 0, got {self.lr!r}")
+        if not (isinstance(self.label_smoothing, (int, float)) and not isinstance(
+                self.label_smoothing, bool) and 0.0 <= self.label_smoothing < 1.0):
+            raise ValueError(f"RunConfig.label_smoothing must be in [0, 1), got "
+                             f"{self.label_smoothing!r}")
+        if self.label_smoothing > 0 and self.sampled_softmax > 0:
+            raise ValueError(f"RunConfig.label_smoothing={self.label_smoothing} needs the full "
+                             f"softmax, but sampled_softmax={self.sampled_softmax}")
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("RunConfig.resume=True needs a checkpoint_dir")
 
@@ -355,6 +364,7 @@ def build_model(
         else None,
         targets_per_row=targets_per_row if cfg.loss_normalization == "global" else None,
         input_scale=math.sqrt(cfg.d_model) if cfg.embedding_scale == "sqrt" else 1.0,
+        label_smoothing=cfg.label_smoothing,
     )
     if cfg.model == "mamba4rec":
         return mamba4rec(data.num_items, cfg.d_model, d_state=cfg.d_state, d_conv=cfg.d_conv,
