@@ -233,8 +233,11 @@ def make_splits(processed: Path, batch_size: int, eval_batch_size: int, seed: in
             )
     train = ParquetSequenceLoader(processed / "train", batch_size, keys=keys, seed=seed,
                                   bucket=bucket)
-    valid = ParquetSequenceLoader(processed / "valid", eval_batch_size, keys=keys, mode="eval")
-    test = ParquetSequenceLoader(processed / "test", eval_batch_size, keys=keys, mode="eval")
+    # evaluation rows sorted by length: each batch is padded only to its own longest row
+    valid = ParquetSequenceLoader(processed / "valid", eval_batch_size, keys=keys, mode="eval",
+                                  sort_by_length=True)
+    test = ParquetSequenceLoader(processed / "test", eval_batch_size, keys=keys, mode="eval",
+                                 sort_by_length=True)
     # one id space for all splits (the ETL fits its vocabularies on every split); take the max
     sizes = [s.vocab_sizes for s in (train, valid, test)]
     num_items = max(v["item"] for v in sizes) - 1

@@ -284,3 +284,45 @@ def test_bucket_needs_shuffle_and_is_validated(long_shards: Path) -> None:
         ParquetSequenceLoader(long_shards, 8, keys=("item",), bucket=-1)
     with pytest.raises(ValueError, match="bucket must be an int >= 0, got 2.0"):
         ParquetSequenceLoader(long_shards, 8, keys=("item",), bucket=2.0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_sort_by_length_serves_the_same_rows_sorted_with_their_masks(
+    long_shards: Path, world_size: int
+) -> None:
+    """W = 2 splits by file, W = 3 by row; repeated balance rows keep real=False after sorting."""
+    users = []
+    for rank in range(world_size):
+        kw = dict(rank=rank, world_size=world_size, keys=("item",), max_len=30, mode="eval")
+        plain = ParquetSequenceLoader(long_shards, 8, **kw)
+        ordered = ParquetSequenceLoader(long_shards, 8, sort_by_length=True, **kw)
+        rows_p, real_p = plain.epoch_rows(0)
+        rows_s, real_s = ordered.epoch_rows(0)
+        assert sorted(zip(rows_s.tolist(), real_s.tolist(), strict=True)) == sorted(
+            zip(rows_p.tolist(), real_p.tolist(), strict=True))
+        lens = ordered.input_lengths(rows_s)  # truncated at max_len
+        assert (np.diff(lens) >= 0).all() and lens.max() == 30
+        batches = list(ordered)
+        assert len(batches) == len(plain)
+        for b in batches:
+            served = b.features["item"].lengths().numpy()
+            assert served.max() - served.min() <= 29
+            keep = torch.ones(b.batch_size, dtype=torch.bool) if b.mask is None else b.mask
+            users += b.user[keep].tolist()
+        assert _spread(ordered) < 0.5 * _spread(plain)
+    assert sorted(users) == list(range(241))  # every row real exactly once over the ranks
+
+
+def test_sort_by_length_is_for_evaluation_and_must_match_on_resume(long_shards: Path) -> None:
+    with pytest.raises(ValueError, match="sort_by_length=True is for evaluation loaders"):
+        ParquetSequenceLoader(long_shards, 8, keys=("item",), sort_by_length=True)  # train mode
+    with pytest.raises(ValueError, match="sort_by_length=True is for evaluation loaders"):
+        ParquetSequenceLoader(long_shards, 8, keys=("item",), mode="eval", shuffle=True,
+                              sort_by_length=True)
+    kw = dict(keys=("item",), mode="eval")
+    state = ParquetSequenceLoader(long_shards, 8, sort_by_length=True, **kw).state_dict()
+    with pytest.raises(ValueError, match="sort_by_length=1 but this loader has sort_by_length=0"):
+        ParquetSequenceLoader(long_shards, 8, **kw).load_state_dict(state)
+    old = {k: v for k, v in ParquetSequenceLoader(long_shards, 8, **kw).state_dict().items()
+           if k != "sort_by_length"}  # a state saved before the key existed
+    ParquetSequenceLoader(long_shards, 8, **kw).load_state_dict(old)

@@ -82,6 +82,10 @@ class ParquetSequenceLoader:
             :class:`~torchrec_mamba.data.loader.SequenceLoader`). Batches then hold rows of
             similar length, so far less padding reaches the encoder. Without ``shuffle`` it has
             no effect. 0 turns it off. Default: 0.
+        sort_by_length (bool): serve this rank's rows sorted by input length (stable), for
+            evaluation, as :class:`~torchrec_mamba.data.loader.SequenceLoader` does: metrics are
+            sums over rows, so the order does not change them, and each batch is padded only to
+            its own longest row. Not with ``shuffle``. Default: False.
 
     Example::
 
@@ -112,9 +116,13 @@ class ParquetSequenceLoader:
         seed: int = 0,
         mode: str = "train",
         bucket: int = 0,
+        sort_by_length: bool = False,
     ) -> None:
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+        if sort_by_length and ((mode == "train") if shuffle is None else shuffle):
+            raise ValueError("sort_by_length=True is for evaluation loaders: it needs "
+                             "shuffle=False (mode='eval'); training batches use bucket=K instead")
         check_batching_args(batch_size, rank, world_size, bucket)
         if max_len is not None and max_len < 1:
             raise ValueError(f"max_len must be >= 1 or None, got {max_len}")
@@ -134,6 +142,7 @@ class ParquetSequenceLoader:
         self.shuffle = (mode == "train") if shuffle is None else bool(shuffle)
         self.seed = seed
         self.bucket = bucket
+        self.sort_by_length = bool(sort_by_length)
         self._epoch = 0
         self._batch_index = 0
 
@@ -257,6 +266,7 @@ class ParquetSequenceLoader:
             "rank": self.rank,
             "shuffle": int(self.shuffle),
             "bucket": self.bucket,
+            "sort_by_length": int(self.sort_by_length),
             "max_len": self.max_len,
             "keys": list(self.keys),
         }
@@ -268,7 +278,8 @@ class ParquetSequenceLoader:
             state (dict[str, Any]): a saved state; settings that change the order must match.
         """
         keys = ("seed", "rank_rows", "batch_size", "world_size", "rank", "shuffle", "bucket",
-                "max_len", "keys")
+                "sort_by_length", "max_len", "keys")
+        state = {"sort_by_length": 0, **state}  # states saved before it existed
         state = {k: list(v) if isinstance(v, tuple) else v for k, v in state.items()}
         self._epoch, self._batch_index = check_resume_state(state, self.state_dict(), keys, len(self))
 
@@ -301,6 +312,9 @@ class ParquetSequenceLoader:
             rows, real = bucket_by_length(
                 rows, real, self.input_lengths(rows), self.batch_size, self.bucket, rng
             )
+        elif self.sort_by_length:
+            by_length = np.argsort(self.input_lengths(rows), kind="stable")
+            rows, real = rows[by_length], real[by_length]
         return rows, real
 
     def input_lengths(self, rows: np.ndarray) -> np.ndarray:
