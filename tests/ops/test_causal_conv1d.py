@@ -268,16 +268,19 @@ def test_cpu_kernel_double_backward_raises() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("width", [1, 4])
-def test_cpu_update_kernel_without_grad_matches_reference(width: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("width", [1, 3, 4])  # 4 has its own unrolled path in the kernel
+@pytest.mark.parametrize(("bias", "activation"), [(True, "silu"), (False, None)])
+def test_cpu_update_kernel_without_grad_matches_reference(
+    width: int, dtype: torch.dtype, bias: bool, activation: str | None
+) -> None:
     """Under no_grad the compiled one-step kernel updates the state exactly as the oracle."""
-    x, w, b = _inputs(3, 4, 7, width, dtype, bias=True, seed=5)
-    state = torch.randn(3, 4, width, dtype=dtype)
+    x, w, b = _inputs(3, 37, 7, width, dtype, bias=bias, seed=5)  # 37: not a vector multiple
+    state = torch.randn(3, 37, width, dtype=dtype)
     state_ref = state.clone()
     with torch.no_grad():
         for t in range(7):
-            y = causal_conv1d_update(x[..., t], state, w, b, "silu")
-            y_ref = causal_conv1d_update_ref(x[..., t], state_ref, w, b, "silu")
+            y = causal_conv1d_update(x[..., t], state, w, b, activation)
+            y_ref = causal_conv1d_update_ref(x[..., t], state_ref, w, b, activation)
             torch.testing.assert_close(y, y_ref, **TOL[dtype])
             torch.testing.assert_close(state, state_ref, **TOL[dtype])
 

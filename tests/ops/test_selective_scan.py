@@ -530,3 +530,16 @@ def test_isa_choice_follows_cpu_flags_and_cap(
     got, cflags = _scan_cpu._arch_flags()
     assert got == tag
     assert ("-mavx512f" in cflags) == (tag == "avx512")
+
+
+def test_the_cpu_kernel_builds_where_a_compiler_exists() -> None:
+    """Every kernel test skips when the build fails, so a compile error must fail here instead
+    of passing the suite with the slow fallback (set TORCHREC_MAMBA_NO_CPU_KERNEL=1 to opt out)."""
+    import os
+    import shutil
+
+    if os.environ.get(_scan_cpu.DISABLE_ENV, "") not in ("", "0"):
+        pytest.skip(f"{_scan_cpu.DISABLE_ENV} is set")
+    if not any(shutil.which(cc) for cc in ("c++", "g++")):
+        pytest.skip("no C++ compiler on PATH")
+    assert _scan_cpu.is_available(), _scan_cpu.build_error()

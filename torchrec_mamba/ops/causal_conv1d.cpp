@@ -184,20 +184,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd(
 }
 
 // One step, no autograd: shift the conv state in place and apply the taps.
+// Shift one row's window left by one, append x, return bias + w . window (W a compile-time
+// constant where it is the usual 4, so the loops unroll into a few register moves).
+template <typename T, int kW>
+inline T conv_update_row(T* __restrict s, const T* __restrict wr, T x, T acc, int64_t W) {
+  const int64_t w_len = kW > 0 ? kW : W;
+  for (int64_t k = 0; k + 1 < w_len; ++k) s[k] = s[k + 1];
+  s[w_len - 1] = x;
+  for (int64_t k = 0; k < w_len; ++k) acc += wr[k] * s[k];
+  return acc;
+}
+
 template <typename T>
 void conv_update_kernel(const T* x, T* state, const T* w, const T* bias, bool silu, int64_t rows,
                         int64_t Dm, int64_t W, T* y) {
   const int nt = num_threads_for(rows / 65536 + 1);  // tiny work: waking a thread costs more
+  // Pass 1, per row: shift the window and take the dot product (into y).
 #pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t d = r % Dm;
-    T* __restrict s = state + r * W;
-    const T* __restrict wr = w + d * W;
-    for (int64_t k = 0; k + 1 < W; ++k) s[k] = s[k + 1];
-    s[W - 1] = x[r];
-    T acc = bias ? bias[d] : T(0);
-    for (int64_t k = 0; k < W; ++k) acc += wr[k] * s[k];
-    y[r] = silu ? acc * sigmoid(acc) : acc;
+  for (int64_t b = 0; b < rows / Dm; ++b) {
+    for (int64_t d = 0; d < Dm; ++d) {
+      const int64_t r = b * Dm + d;
+      const T acc = bias ? bias[d] : T(0);
+      y[r] = W == 4 ? conv_update_row<T, 4>(state + r * W, w + d * W, x[r], acc, W)
+                    : conv_update_row<T, 0>(state + r * W, w + d * W, x[r], acc, W);
+    }
+  }
+  // Pass 2: SiLU over all rows at once, so its exp vectorises (it does not inside pass 1).
+  if (silu) {
+#pragma omp simd
+    for (int64_t r = 0; r < rows; ++r) y[r] = y[r] * sigmoid(y[r]);
   }
 }
 
