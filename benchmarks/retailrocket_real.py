@@ -24,6 +24,8 @@ Usage::
 
     python benchmarks/retailrocket_real.py                    # ~15 min on 2 shared cores
     python benchmarks/retailrocket_real.py --epochs 1 --models mamba4rec     # smoke run
+    for s in 0 1 2; do python benchmarks/retailrocket_real.py --seed $s > rr_$s.log; done
+    python benchmarks/retailrocket_real.py --aggregate rr_0.log rr_1.log rr_2.log   # mean ± std
 
 Prints a table, the Mamba4Rec / SASRec ratio of every metric (measured in the same run) and a
 final JSON line. Without the data it prints a ``SKIP`` line and a JSON line, and exits 0.
@@ -89,7 +91,98 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, choices=["cpu", "cuda"],
                    help="default: cuda when available")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--aggregate", nargs="+", type=Path, metavar="LOG",
+                   help="train nothing: read the final JSON line of each LOG (the stdout of one "
+                   "run per --seed, same settings otherwise) and print mean +- sample std per "
+                   "model and metric, and the ratio of the means")
     return p
+
+
+#: Settings that may differ between the runs that --aggregate combines.
+_PER_RUN = ("seed", "data_dir", "device", "no_progress", "aggregate")
+AGG_METRICS = tuple(f"{m}@{k}" for k in KS for m in ("hr", "ndcg", "mrr"))
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The options that define a run, other than its seed (JSON-safe)."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in _PER_RUN}
+
+
+def final_json(path: Path) -> dict[str, Any]:
+    """The last JSON line of a run's stdout (or a file holding just that line)."""
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.startswith("{")]
+    for line in reversed(lines):
+        try:
+            out = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if out.get("benchmark") == "retailrocket_real":
+            if out.get("skipped"):
+                raise ValueError(f"{path}: that run was skipped ({out.get('reason')})")
+            return out
+    raise ValueError(f"{path}: no final JSON line of retailrocket_real in it")
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def aggregate(paths: Sequence[Path]) -> dict[str, Any]:
+    """Mean and sample std over seeds of every model's test metrics (see ``--aggregate``).
+
+    Raises:
+        ValueError: a log without a result, a repeated seed, or runs whose settings differ.
+    """
+    runs = [final_json(p) for p in paths]
+    seeds = [r.get("seed") for r in runs]
+    if None in seeds:
+        raise ValueError(f"{paths[seeds.index(None)]}: its JSON line has no seed (a run made "
+                         "before --aggregate existed): rerun it")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seed {next(s for s in seeds if seeds.count(s) > 1)} appears twice "
+                         f"in {[str(p) for p in paths]}")
+    for path, run in zip(paths[1:], runs[1:], strict=True):
+        differ = sorted(k for k in set(run["settings"]) | set(runs[0]["settings"])
+                        if run["settings"].get(k) != runs[0]["settings"].get(k))
+        if differ:
+            raise ValueError(f"{path} and {paths[0]} differ in {differ}: aggregate runs that "
+                             "differ only in --seed")
+    models = [m for m in (*MODELS, "popularity") if all(m in r for r in runs)]
+    table: dict[str, dict[str, tuple[float, float | None]]] = {}
+    for m in models:
+        per_seed = [r[m]["test"] if m in MODELS else r[m] for r in runs]
+        table[m] = {k: _mean_std([float(t[k]) for t in per_seed]) for k in AGG_METRICS}
+    out: dict[str, Any] = {
+        "benchmark": "retailrocket_real_aggregate", "seeds": seeds,
+        "settings": runs[0]["settings"],
+        **{m: {k: {"mean": mean, "std": std} for k, (mean, std) in t.items()}
+           for m, t in table.items()},
+    }
+    for m in MODELS:
+        if m in table:
+            out[m]["best_epochs"] = [r[m]["best_epoch"] for r in runs]
+            out[m]["epochs_run"] = [r[m]["epochs_run"] for r in runs]
+    if "mamba4rec" in table and "sasrec" in table:
+        out["ratio_mamba4rec_over_sasrec"] = {
+            k: round(table["mamba4rec"][k][0] / table["sasrec"][k][0], 3)
+            if table["sasrec"][k][0] else None for k in AGG_METRICS}
+
+    def cell(mean: float, std: float | None) -> str:
+        return f"{mean:.4f}" + ("" if std is None else f" ± {std:.4f}")
+
+    lines = [f"RetailRocket real sessions, {len(runs)} seed(s) {seeds}, test, mean ± sample std:",
+             "", "| model | " + " | ".join(AGG_METRICS) + " |",
+             "|---|" + "---:|" * len(AGG_METRICS)]
+    for m, t in table.items():
+        lines.append(f"| {m} | " + " | ".join(cell(*t[k]) for k in AGG_METRICS) + " |")
+    if "ratio_mamba4rec_over_sasrec" in out:
+        ratio = out["ratio_mamba4rec_over_sasrec"]
+        lines.append("| mamba4rec / sasrec | " + " | ".join(f"{ratio[k]}" for k in AGG_METRICS)
+                     + " |")
+    print("\n".join(lines))
+    print(json.dumps(out), flush=True)
+    return out
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -200,6 +293,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         dict[str, Any]: the JSON line's object.
     """
     args = build_parser().parse_args(argv)
+    if args.aggregate:
+        return aggregate(args.aggregate)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models or any(m not in MODELS for m in models):
         raise ValueError(f"--models must name some of {MODELS}, got {args.models!r}")
@@ -290,6 +385,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "valid_sessions": len(valid),
         "test_pairs": len(test),
         "sampled_softmax": args.sampled_softmax,
+        "seed": args.seed,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in settings(args).items()},
         **results,
         "popularity": popularity,
     }
