@@ -267,3 +267,51 @@ def test_example_run_dir_serves_raw_ids(tiny_run: tuple[dict[str, Any], Path, Pa
     assert set(cats.flatten().tolist()) <= cat_vocab | {-1}
     with pytest.raises(ValueError, match="unknown item id -5"):
         rec.recommend([[-5]])
+
+
+def _fake_rr_log(bench: ModuleType, path: Path, seed: int, ndcg: float, **override: Any) -> Path:
+    args = bench.build_parser().parse_args(["--seed", str(seed)])
+    out = {
+        "benchmark": "retailrocket_real", "seed": seed,
+        "settings": {**bench.settings(args), **override},
+        "mamba4rec": {"test": {k: ndcg for k in bench.AGG_METRICS}, "best_epoch": 8,
+                      "epochs_run": 8},
+        "sasrec": {"test": {k: ndcg / 2 for k in bench.AGG_METRICS}, "best_epoch": 7,
+                   "epochs_run": 8},
+        "popularity": {k: 0.01 for k in bench.AGG_METRICS},
+    }
+    path.write_text("INFO training...\n{\"benchmark\": \"other\"}\n" + json.dumps(out) + "\n")
+    return path
+
+
+def test_bench_aggregate_means_and_sample_std(bench: ModuleType, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    logs = [_fake_rr_log(bench, tmp_path / f"s{s}.log", s, v)
+            for s, v in [(0, 0.2), (1, 0.3), (2, 0.4)]]
+    out = bench.main(["--aggregate", *map(str, logs)])
+    assert out["seeds"] == [0, 1, 2]
+    assert out["mamba4rec"]["ndcg@10"]["mean"] == pytest.approx(0.3)
+    assert out["mamba4rec"]["ndcg@10"]["std"] == pytest.approx(0.1)  # sample std (n - 1)
+    assert out["sasrec"]["hr@20"]["mean"] == pytest.approx(0.15)
+    assert out["ratio_mamba4rec_over_sasrec"]["mrr@10"] == 2.0
+    assert out["mamba4rec"]["best_epochs"] == [8, 8, 8]
+    text = capsys.readouterr().out
+    assert "| mamba4rec | 0.3000 ± 0.1000 |" in text and "| mamba4rec / sasrec | 2.0 |" in text
+
+
+def test_bench_aggregate_refuses_mixed_runs(bench: ModuleType, tmp_path: Path) -> None:
+    a = _fake_rr_log(bench, tmp_path / "a.log", 0, 0.2)
+    with pytest.raises(ValueError, match="seed 0 appears twice"):
+        bench.main(["--aggregate", str(a), str(_fake_rr_log(bench, tmp_path / "b.log", 0, 0.3))])
+    other = _fake_rr_log(bench, tmp_path / "c.log", 1, 0.3, lr=0.01)
+    with pytest.raises(ValueError, match=r"c.log and .*a.log differ in \['lr'\]"):
+        bench.main(["--aggregate", str(a), str(other)])
+    empty = tmp_path / "empty.log"
+    empty.write_text("Traceback ...\n")
+    with pytest.raises(ValueError, match="empty.log: no final JSON line of retailrocket_real"):
+        bench.main(["--aggregate", str(empty)])
+    skipped = tmp_path / "skipped.log"
+    skipped.write_text(json.dumps({"benchmark": "retailrocket_real", "skipped": True,
+                                   "reason": "no data"}) + "\n")
+    with pytest.raises(ValueError, match=r"skipped.log: that run was skipped \(no data\)"):
+        bench.main(["--aggregate", str(skipped)])
