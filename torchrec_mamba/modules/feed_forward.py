@@ -14,6 +14,7 @@ from torch import Tensor, nn
 # _scan_cpu stays importable from here: tests stub its kernel_ops to run without the kernel.
 from torchrec_mamba.ops import _scan_cpu  # noqa: F401
 from torchrec_mamba.ops.dropout import dropout as _dropout
+from torchrec_mamba.ops.dropout import gelu_dropout
 
 __all__ = ["FastDropout", "FeedForward"]
 
@@ -130,8 +131,13 @@ class FeedForward(nn.Module):
         Returns:
             Tensor: (..., D).
         """
-        h = self.activation(self.w_1(x))  # (..., inner)
-        if self.activation_dropout:
-            h = self.dropout(h)
+        h = self.w_1(x)  # (..., inner)
+        if self.activation_dropout and self.dropout.training and self.dropout.p > 0.0:
+            # GELU and its dropout in one pass (and one in the backward) on the widest tensor.
+            h = gelu_dropout(h, self.dropout.p, backend=self.dropout.backend)
+        else:
+            h = self.activation(h)
+            if self.activation_dropout:
+                h = self.dropout(h)
         h = self.dropout(self.w_2(h))  # (..., D)
         return self.layer_norm(h + x)

@@ -141,7 +141,8 @@ class KernelLoader:
         ops = torch.ops.torchrec_mamba_scan
         # Raise now if an op is not registered.
         ops.selective_scan_fwd, ops.selective_scan_bwd  # noqa: B018
-        ops.causal_conv1d_fwd, ops.causal_conv1d_bwd, ops.dropout_apply, ops.dropout_fwd  # noqa: B018
+        ops.causal_conv1d_fwd, ops.causal_conv1d_bwd, ops.dropout_seeded  # noqa: B018
+        ops.gelu_dropout_fwd, ops.gelu_dropout_bwd  # noqa: B018
         ops.causal_conv1d_update_cpu, ops.selective_state_update_cpu  # noqa: B018
         return ops
 

@@ -43,6 +43,7 @@ OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "causal_conv1d": _ALL,
     "causal_conv1d_update": _ALL,
     "dropout": _ALL,
+    "gelu_dropout": _ALL,
 }
 # The attribute of ``_fused`` that holds each op's CUDA kernel, and the error it keeps.
 _FUSED_ATTR = {
