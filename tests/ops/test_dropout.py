@@ -57,7 +57,8 @@ def gelu64(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     v = x.double().flatten().tolist()
     out = [0.5 * a * (1.0 + math.erf(a / math.sqrt(2.0))) for a in v]
     grad = [
-        0.5 * (1.0 + math.erf(a / math.sqrt(2.0))) + a * math.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
+        0.5 * (1.0 + math.erf(a / math.sqrt(2.0)))
+        + a * math.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
         for a in v
     ]
     f64 = torch.float64
@@ -65,7 +66,9 @@ def gelu64(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def tolerance(dtype: torch.dtype) -> dict[str, float]:
-    return {"rtol": 1e-5, "atol": 2e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-13}
+    return (
+        {"rtol": 1e-5, "atol": 2e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-13}
+    )
 
 
 @needs_kernel
