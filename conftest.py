@@ -7,6 +7,9 @@ makes every small parallel op cost milliseconds.
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The CLI keeps freed memory in the heap (torchrec_mamba.runtime); tests that call it in-process
+# leave pytest's allocator alone. tests/test_runtime.py checks the setting in subprocesses.
+os.environ.setdefault("TORCHREC_MAMBA_KEEP_FREED_MEMORY", "0")
 
 from pathlib import Path  # noqa: E402
 

@@ -56,6 +56,7 @@ except ImportError:
     from torchrec_mamba.models.sasrec import SASRecEncoder  # noqa: E402
 from torchrec_mamba.modules.encoder import MambaSequenceEncoder  # noqa: E402
 from torchrec_mamba.ops import resolve_backend  # noqa: E402
+from torchrec_mamba.runtime import keep_freed_memory  # noqa: E402
 
 CONFIGS: list[tuple[int, int]] = [(256, 50), (256, 200), (64, 1000), (16, 2000), (8, 8000)]
 PROFILE_ROWS = 12  # ops per model in each profile table
@@ -88,6 +89,9 @@ def rss_mb() -> float:
 
 def run_worker(args: argparse.Namespace) -> int:
     """Time (both models, alternating) or measure memory (one model) for one shape; print JSON."""
+    # Both models run with freed memory kept in the heap, as the CLI trains (the memory worker's
+    # MALLOC_MMAP_THRESHOLD_ makes this a no-op there, so its readings track live memory).
+    malloc = keep_freed_memory()
     torch.manual_seed(0)
     batch, length = args.batch, args.length
     names = list(MODELS) if args.worker == "both" else [args.worker]
@@ -144,6 +148,7 @@ def run_worker(args: argparse.Namespace) -> int:
             length=length,
             backend=backend if row["model"] == "mamba" else "sdpa",
             threads=torch.get_num_threads(),
+            malloc=malloc,
         )
     print(json.dumps(rows))
     return 0

@@ -449,6 +449,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return plan_main(argv[1:])
     args = build_parser().parse_args(argv)
+    from torchrec_mamba.runtime import keep_freed_memory
+
+    # Reuse freed heap memory across steps (about a fifth of a CPU epoch; torchrec_mamba.runtime).
+    logger.info("keep freed memory in the heap: %s", keep_freed_memory())
     if args.command == "train":
         return _train(args)
     if args.command == "recommend":

@@ -448,6 +448,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     models = check_args(args)
     _setup_logging()
+    from torchrec_mamba.runtime import keep_freed_memory
+
+    logging.getLogger(__name__).info("keep freed memory in the heap: %s", keep_freed_memory())
     start = time.perf_counter()
     ctx = init_distributed(device=args.device)
 

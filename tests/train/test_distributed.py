@@ -196,6 +196,14 @@ def test_sharded_checkpoint_keeps_the_previous_folder_and_falls_back_on_every_ra
         assert r["fallback_epoch"] == 1  # rank 0 could read epoch 2, but follows rank 1
 
 
+def test_sharded_run_writes_a_whole_model_pt_that_reproduces_its_test_metrics(
+    two_ranks: list[dict[str, Any]],
+) -> None:
+    r0 = two_ranks[0]
+    assert r0["model_pt_keys_match"] and r0["unsharded_export_is_state_dict"]
+    assert r0["model_pt_test"] == pytest.approx(r0["full_test"], abs=1e-6)
+
+
 def test_sharded_resume_after_crash_is_exact(two_ranks: list[dict[str, Any]]) -> None:
     for r in two_ranks:
         assert r["crashed"]
@@ -290,7 +298,7 @@ def _worker(out: Path) -> None:  # pragma: no cover - runs in the torchrun subpr
     class Crash(RuntimeError):
         pass
 
-    def run(ckpt: Path, resume: bool = False, crash: bool = False) -> Any:
+    def run(ckpt: Path, resume: bool = False, crash: bool = False, best_model: Path | None = None) -> Any:
         model = shard_model(build(0.3), "row_wise", ctx, emb)
         optimizer = build_optimizer(model, 1e-2, 0.0, emb)
 
@@ -298,13 +306,31 @@ def _worker(out: Path) -> None:  # pragma: no cover - runs in the torchrun subpr
             if crash and (epoch, done) == (1, 2):
                 raise Crash
 
-        config = FitConfig(epochs=2, patience=5, checkpoint_dir=str(ckpt), resume=resume, progress=False)
+        config = FitConfig(epochs=2, patience=5, checkpoint_dir=str(ckpt), resume=resume, progress=False,
+                           best_model_path=None if best_model is None else str(best_model))
         return fit(
             model, optimizer, loader(split.train, rank, world), loader(split.valid, rank, world, 16, False),
             loader(split.test, rank, world, 16, False), config, ctx, on_batch_end=hook,
         )
 
-    full_run = run(out / "ckpt_full")
+    full_run = run(out / "ckpt_full", best_model=out / "model.pt")
+    # 3b) the sharded run's model.pt is whole: it loads into the unsharded model and reproduces
+    # the run's test metrics in one process (what Recommender.load serves)
+    if rank == 0:
+        from torchrec_mamba.train.sharding import full_state_dict
+
+        single = build(0.3)
+        state = torch.load(out / "model.pt", weights_only=True)
+        result["model_pt_keys_match"] = sorted(state) == sorted(single.state_dict())
+        single.load_state_dict(state, strict=True)
+        single.eval()
+        whole_test = next(iter(loader(split.test, 0, 1, len(split.test), False)))
+        with torch.no_grad():
+            result["model_pt_test"] = ranking_metrics(single.score(whole_test), whole_test.targets())
+        result["unsharded_export_is_state_dict"] = all(
+            torch.equal(v, single.state_dict()[k])
+            for k, v in full_state_dict(single, ctx).items()  # type: ignore[union-attr]
+        )
     try:
         run(out / "ckpt_crash", crash=True)
         result["crashed"] = False

@@ -22,6 +22,7 @@ _LAZY = {
     "resolve_embedding_optimizer": "torchrec_mamba.train.optimizers",
     "shard_model": "torchrec_mamba.train.sharding",
     "unwrap": "torchrec_mamba.train.sharding",
+    "full_state_dict": "torchrec_mamba.train.sharding",
     "DataInfo": "torchrec_mamba.train.config",
     "RunConfig": "torchrec_mamba.train.config",
     "build_model": "torchrec_mamba.train.config",
@@ -57,6 +58,7 @@ __all__ = [
     "resolve_embedding_optimizer",
     "save_checkpoint",
     "shard_model",
+    "full_state_dict",
     "train_one_epoch",
     "unwrap",
 ]
@@ -77,7 +79,7 @@ if TYPE_CHECKING:
         destroy_distributed,
         init_distributed,
     )
-    from torchrec_mamba.train.sharding import shard_model, unwrap
+    from torchrec_mamba.train.sharding import full_state_dict, shard_model, unwrap
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -9,7 +9,7 @@ The names are defined in three modules and re-exported here:
   :func:`resolve_embedding_optimizer` and :func:`build_optimizer` (with the measured facts about
   FBGEMM's fused table optimizers);
 * :mod:`torchrec_mamba.train.sharding`: :func:`make_sharders`, :func:`plan_sharding`,
-  :func:`shard_model` and :func:`unwrap`.
+  :func:`shard_model`, :func:`unwrap` and :func:`full_state_dict`.
 
 Nothing here runs at import time; :func:`init_distributed` starts a process group only when
 called, and only under ``torchrun`` (or when a single-process group is asked for explicitly).
@@ -40,6 +40,7 @@ from torchrec_mamba.train.process_group import (
 from torchrec_mamba.train.sharding import (
     SHARDING_TYPES,
     format_plan,
+    full_state_dict,
     make_sharders,
     plan_sharding,
     shard_model,
@@ -63,6 +64,7 @@ __all__ = [
     "build_optimizer",
     "destroy_distributed",
     "format_plan",
+    "full_state_dict",
     "init_distributed",
     "make_sharders",
     "plan_sharding",

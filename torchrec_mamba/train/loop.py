@@ -44,7 +44,7 @@ from tqdm import tqdm
 from torchrec_mamba.data.batch import SequenceBatch
 from torchrec_mamba.data.loader import Loader
 from torchrec_mamba.train.checkpoint import load_checkpoint, save_checkpoint
-from torchrec_mamba.train.distributed import DistributedContext, unwrap
+from torchrec_mamba.train.distributed import DistributedContext, full_state_dict, unwrap
 from torchrec_mamba.train.evaluation import evaluate, evaluate_tasks
 
 __all__ = ["FitConfig", "FitResult", "evaluate", "evaluate_tasks", "fit", "train_one_epoch"]
@@ -75,8 +75,8 @@ class FitConfig:
             their metrics go to ``FitResult.valid_tasks`` / ``test_tasks`` and to each history
             entry's ``"tasks"``. Default: False.
         best_model_path (str | None): write the best epoch's model ``state_dict`` here (loadable
-            with ``torch.load(weights_only=True)``), on rank 0, unsharded models only (a sharded
-            model's weights are in its checkpoints). Default: None.
+            with ``torch.load(weights_only=True)``), on rank 0; a sharded model's tables are
+            gathered first, so the file always loads into the unsharded model. Default: None.
 
     Example::
 
@@ -269,16 +269,14 @@ def _restore(
 
 
 def _save_best_model(model: nn.Module, path: str, ctx: DistributedContext) -> None:
-    """The best epoch's weights, atomically, on rank 0 (unsharded models only)."""
-    if isinstance(model, DistributedModelParallel):
-        if ctx.is_main:
-            logger.warning("best_model_path: a sharded model's weights live in its checkpoints")
-        return
-    if ctx.is_main:
+    """The best epoch's whole weights, atomically, on rank 0; a sharded model's tables are
+    gathered first (every rank takes part), so the file loads into the unsharded model."""
+    state = full_state_dict(model, ctx)
+    if state is not None:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".tmp")
-        torch.save(unwrap(model).state_dict(), tmp)
+        torch.save(state, tmp)
         os.replace(tmp, target)
 
 

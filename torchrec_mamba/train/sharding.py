@@ -10,12 +10,13 @@ import logging
 import os
 from typing import Literal, cast
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan
+from torchrec.distributed.types import ModuleSharder, ShardedTensor, ShardingEnv, ShardingPlan
 
 from torchrec_mamba.models.recommender import SequentialRecommender as Mamba4Rec
 from torchrec_mamba.train.optimizers import EmbeddingOptimizerConfig
@@ -138,3 +139,35 @@ def unwrap(model: nn.Module) -> Mamba4Rec:
     if not isinstance(inner, Mamba4Rec):
         raise TypeError(f"expected a Mamba4Rec (optionally in DMP), got {type(inner).__name__}")
     return inner
+
+
+def full_state_dict(model: nn.Module, ctx: DistributedContext) -> dict[str, Tensor] | None:
+    """The whole, unsharded ``state_dict`` of the model on rank 0; None on the other ranks.
+
+    A ``DistributedModelParallel`` holds each sharded table as a ``ShardedTensor`` whose rows
+    (or columns) live on different ranks: each is gathered to rank 0, so the result loads into
+    the same model built without sharding (``load_state_dict(strict=True)``), which is what
+    :class:`~torchrec_mamba.serving.Recommender` serves. The keys are the unsharded model's. Every
+    rank must call it (the gathers are collectives); rank 0 then holds every table whole, so a
+    table too large for one process cannot be exported this way (it stays in the sharded
+    checkpoints of ``--checkpoint-dir``).
+
+    Args:
+        model (nn.Module): a ``Mamba4Rec`` or a DMP around one.
+        ctx (DistributedContext): this process's place in the group.
+
+    Returns:
+        dict[str, Tensor] | None: CPU tensors on rank 0, None elsewhere.
+    """
+    if not isinstance(model, DistributedModelParallel):
+        return unwrap(model).state_dict() if ctx.is_main else None
+    out: dict[str, Tensor] = {}
+    for key, value in model.state_dict().items():
+        if isinstance(value, ShardedTensor):
+            props = value.metadata().tensor_properties
+            full = torch.empty(value.size(), dtype=props.dtype) if ctx.is_main else None
+            value.gather(0, full)
+            value = full
+        if ctx.is_main:
+            out[key] = value.detach().cpu()
+    return out if ctx.is_main else None
