@@ -28,8 +28,10 @@ LOGGER = registry.__name__
 
 @pytest.fixture(autouse=True)
 def fresh_log(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test sees the once-per-(op, device, choice) log afresh, and no override."""
+    """Each test sees the once-per-(op, device, choice) log and auto's choices afresh, and no
+    override."""
     monkeypatch.setattr(registry, "_logged", set())
+    monkeypatch.setattr(registry, "_auto_cache", {})
     monkeypatch.delenv(OVERRIDE_ENV, raising=False)
 
 
@@ -168,3 +170,17 @@ def test_state_update_under_grad_skips_the_kernels() -> None:
     if _scan_cpu.is_available():
         with pytest.raises(ValueError, match="a gradient is needed and the kernel has no backward"):
             selective_state_update(*args, backend="cpu")
+
+
+def test_auto_choice_is_cached_but_follows_what_it_depends_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cached choice changes with kernel availability, the override and the unfit reasons."""
+    want = "cpu" if _scan_cpu.is_available() else "chunked"
+    assert resolve_backend("dropout", "auto", CPU) == want
+    assert resolve_backend("dropout", "auto", CPU) == want  # served from the cache
+    assert len(registry._auto_cache) == 1
+    assert resolve_backend("dropout", "auto", CPU, {"cpu": "fp16"}) == "chunked"
+    monkeypatch.setenv(OVERRIDE_ENV, "reference")
+    assert resolve_backend("dropout", "auto", CPU) == "reference"
+    monkeypatch.delenv(OVERRIDE_ENV)
+    no_cpu_kernel(monkeypatch)
+    assert resolve_backend("dropout", "auto", CPU) == "chunked"

@@ -161,10 +161,13 @@ def test_category_run_recommends_items_and_categories(tmp_path: Path) -> None:
                             lengths=lengths.repeat(2))
     full = rec.model.category_scores(SequenceBatch(features=kjt, labels=kjt))  # (B, C + 1)
     cat_ids, cat_scores = rec.recommend_categories([[500 + i for i in h] for h in dense], k=2)
+    full[:, :3] = -torch.inf  # padding and the null / OOV rows 1, 2 are never recommended
     ref_scores, ref_ids = full.topk(2, dim=1)
-    decode = {1: -1, 2: -1, 3: 93, 4: 94}
+    decode = {3: 93, 4: 94}
     assert cat_ids.tolist() == [[decode[c] for c in row] for row in ref_ids.tolist()]
     torch.testing.assert_close(cat_scores, ref_scores, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"k must be an int in \[1, 2\] \(the run's rankable categories\), got 3"):
+        rec.recommend_categories([[503]], k=3)
     with pytest.raises(ValueError, match="unknown item id 1 "):
         rec.recommend([[1]])
 

@@ -265,7 +265,8 @@ class Recommender:
 
         Args:
             histories (Sequence[Sequence[int]]): B item-id lists, as in :meth:`recommend`.
-            k (int): categories per user, ``1 <= k <= C``. Default: 10.
+            k (int): categories per user, ``1 <= k <= C`` (less NVTabular's null / OOV rows,
+                which are never recommended). Default: 10.
 
         Returns:
             tuple[Tensor, Tensor]: category ids (B, K) int64 (raw when the run saved a category
@@ -276,11 +277,16 @@ class Recommender:
         if self.model.tables.num_categories == 0:
             raise ValueError("recommend_categories needs a run with a category table; this run "
                              "was trained without categories (num_categories=0)")
-        self._check_k(k, self.model.tables.num_categories, "categories")
+        # NVTabular's null / OOV category rows have no raw id: never recommended.
+        unrankable = self.categories.unrankable()
+        self._check_k(k, self.model.tables.num_categories - len(unrankable), "rankable categories")
         table = self.model.table_embeddings(CATEGORY).float()  # (C, D): categories are few
         table = torch.cat([table.new_zeros(1, table.shape[1]), table])  # row 0 padding
-        out = chunked_topk(self.user_vectors(histories).to(table.device), table, k,
-                           chunk_size=self.chunk_size)
+        users = self.user_vectors(histories).to(table.device)  # (B, D)
+        exclude = None
+        if unrankable:
+            exclude = torch.tensor(unrankable, device=table.device).expand(users.shape[0], -1)
+        out = chunked_topk(users, table, k, exclude=exclude, chunk_size=self.chunk_size)
         return self.categories.decode(out.ids), out.scores.cpu()
 
     @staticmethod

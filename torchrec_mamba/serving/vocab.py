@@ -99,7 +99,10 @@ class IdVocab:
 
     def decode(self, dense: Tensor) -> Tensor:
         """Dense ids (any shape) -> raw ids (int64); 0 (no item) and ids without a raw id -> -1."""
-        table = torch.tensor([-1 if r is None else r for r in self.raw_ids], dtype=torch.long)
+        table = self.__dict__.get("_decode_cache")
+        if table is None:  # built once: an (I + 1) list -> tensor per call cost O(I) per batch
+            table = torch.tensor([-1 if r is None else r for r in self.raw_ids], dtype=torch.long)
+            object.__setattr__(self, "_decode_cache", table)
         return table[dense.cpu().long()]
 
 
