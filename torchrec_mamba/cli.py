@@ -159,6 +159,7 @@ def _prepare_run(cfg: RunConfig, ctx: DistributedContext):  # type: ignore[no-un
     import torch
 
     from torchrec_mamba.data import load_sequences
+    from torchrec_mamba.runtime import keep_freed_memory
     from torchrec_mamba.train.config import (
         DataInfo,
         build_model,
@@ -190,6 +191,10 @@ def _prepare_run(cfg: RunConfig, ctx: DistributedContext):  # type: ignore[no-un
         model = shard_model(model, cfg.sharding, ctx, emb_opt)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, emb_opt)
     head_dtype = resolve_head_dtype(cfg.head_dtype, ctx.device)
+    # Reuse freed heap memory across steps (about a fifth of a CPU epoch; torchrec_mamba.runtime).
+    heap = keep_freed_memory()
+    if ctx.is_main:
+        logger.info("keep freed memory in the heap: %s", heap)
     if ctx.is_main and cfg.head_dtype == "auto":
         logger.info(
             "head_dtype 'auto' -> %s (%s)", head_dtype,
@@ -449,10 +454,6 @@ def main(argv: list[str] | None = None) -> int:
 
         return plan_main(argv[1:])
     args = build_parser().parse_args(argv)
-    from torchrec_mamba.runtime import keep_freed_memory
-
-    # Reuse freed heap memory across steps (about a fifth of a CPU epoch; torchrec_mamba.runtime).
-    logger.info("keep freed memory in the heap: %s", keep_freed_memory())
     if args.command == "train":
         return _train(args)
     if args.command == "recommend":
