@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from torchrec_mamba.ops import _scan_cpu
 from torchrec_mamba.ops.registry import resolve_backend
@@ -64,6 +65,7 @@ class _SeededDropout(torch.autograd.Function):
         )
 
     @staticmethod
+    @once_differentiable  # the kernel's backward has no backward of its own
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         dx = _scan_cpu.kernel_ops().dropout_seeded(
             grad.contiguous(), ctx.seed, ctx.threshold, ctx.scale
@@ -103,6 +105,7 @@ class _GeluDropout(torch.autograd.Function):
         return _scan_cpu.kernel_ops().gelu_dropout_fwd(h, ctx.seed, ctx.threshold, ctx.scale)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         (h,) = ctx.saved_tensors
         dh = _scan_cpu.kernel_ops().gelu_dropout_bwd(
