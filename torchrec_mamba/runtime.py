@@ -5,8 +5,8 @@ Why: a training step allocates and frees the same large activations (tens of MB 
 step. glibc serves blocks above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and
 returns them with ``munmap`` when freed, and it trims the top of the heap back to the kernel, so
 each step writes to memory the kernel has to fault in and zero again. On the 2-vCPU development
-machine that cost about a fifth of the Beauty training epoch (docs/benchmarks.md: 15.0 s ->
-12.0 s for the first epoch, 14.2 s -> 10.5 s for the second). Keeping freed memory in the heap
+machine that cost about a fifth of the Beauty training epoch (paired, same code, 2 threads:
+15.0 s -> 12.0 s for the first epoch, 14.2 s -> 10.5 s for the second; docs/benchmarks.md). Keeping freed memory in the heap
 costs resident memory instead: the process keeps its peak (1.6 GB -> 2.1 GB on Beauty).
 
 The ``OMP_WAIT_POLICY=PASSIVE`` and ``THP_MEM_ALLOC_ENABLE=1`` environment variables must be set
@@ -53,8 +53,8 @@ def _user_tuned_malloc() -> str:
 def keep_freed_memory() -> str:
     """Keep freed memory in this process's heap instead of returning it to the kernel (glibc).
 
-    Serves every allocation from the heap (no per-block ``mmap``) and never trims the heap, so
-    a training loop reuses pages that are already mapped. Does nothing, and says why, when
+    Serves every allocation from the heap (no per-block ``mmap``) and trims the heap only when
+    more than 2 GiB at its top are free, so a training loop reuses pages already mapped. Does nothing, and says why, when
     ``TORCHREC_MAMBA_KEEP_FREED_MEMORY=0``, when the user set glibc malloc options or preloaded
     another allocator, or off glibc.
 
