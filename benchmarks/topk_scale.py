@@ -101,24 +101,17 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_faiss(args: argparse.Namespace, table: torch.Tensor, users: torch.Tensor) -> dict[str, Any]:
-    """IVF-Flat inner-product index over items 1..I; ms per batch and recall@K vs exact."""
-    import faiss  # optional: the [faiss] extra
+    """IVF-Flat inner-product index over items 1..I (the library's FaissItemIndex); ms per batch
+    and recall@K vs exact."""
+    from torchrec_mamba.serving import FaissItemIndex, ItemSource
 
-    items = table[1:].numpy()  # (I, D) a view, no copy
-    quantizer = faiss.IndexFlatIP(args.dim)
-    index = faiss.IndexIVFFlat(quantizer, args.dim, args.nlist, faiss.METRIC_INNER_PRODUCT)
     t0 = time.perf_counter()
-    sample = items[torch.randperm(items.shape[0])[: 40 * args.nlist].numpy()]
-    index.train(sample)
-    index.add(items)
+    index = FaissItemIndex(ItemSource.from_table(table), nlist=args.nlist, nprobe=args.nprobe)
     build_s = time.perf_counter() - t0
-    index.nprobe = args.nprobe
-    queries = users.numpy()
-    ms = _time(lambda: index.search(queries, args.k), args.repeats)
-    _, ann = index.search(queries, args.k)  # (B, K) 0-based rows of items
-    exact = chunked_topk(users, table, args.k, chunk_size=args.chunk_size).ids - 1  # (B, K)
-    ann_t = torch.from_numpy(ann).long()
-    recall = (ann_t[:, :, None] == exact[:, None, :]).any(2).double().mean().item()
+    ms = _time(lambda: index.search(users, args.k), args.repeats)
+    ann, _ = index.search(users, args.k)  # (B, K) item ids
+    exact = chunked_topk(users, table, args.k, chunk_size=args.chunk_size).ids  # (B, K)
+    recall = (ann[:, :, None] == exact[:, None, :]).any(2).double().mean().item()
     return {"ms": ms, "recall": recall, "build_s": build_s, "nlist": args.nlist, "nprobe": args.nprobe}
 
 

@@ -179,3 +179,22 @@ def test_id_vocab_round_trip() -> None:
     assert v.decode(torch.tensor(dense)).tolist() == RAW[1:]
     with pytest.raises(ValueError, match="has 3 entries, expected 31"):
         IdVocab.from_raw_ids([-1, 1, 2], NUM_ITEMS)
+
+
+def test_faiss_index_of_a_run_recommends_like_the_run(tmp_path: Path) -> None:
+    """With every list probed the index gives recommend()'s raw ids, never null / OOV rows."""
+    pytest.importorskip("faiss")
+    from torchrec_mamba.serving import FaissItemIndex
+
+    run = _write_run(tmp_path, CFG, DataInfo(num_items=NUM_ITEMS))
+    (run / "vocabs").mkdir()
+    lines = ["raw,id,count"] + [f"{500 + i},{i},1" for i in range(3, NUM_ITEMS + 1)]
+    (run / "vocabs" / "item.csv").write_text("\n".join(lines) + "\n")
+    rec = Recommender.load(run)
+    histories = [[503, 504, 505], [510], [520, 521]]
+    index = FaissItemIndex.from_recommender(rec, nlist=4, nprobe=4)
+    assert index.num_indexed == NUM_ITEMS - 2
+    ids, scores = index.recommend(rec, histories, k=5)
+    want_ids, want_scores = rec.recommend(histories, k=5)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(scores, want_scores, rtol=1e-5, atol=1e-5)

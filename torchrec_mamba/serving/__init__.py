@@ -7,6 +7,8 @@
 * :func:`evaluate_chunked` (:mod:`.evaluate`): ``train.loop.evaluate`` with chunked scoring.
 * :class:`UserStateStore` (:mod:`.state_store`): each user's per-layer recurrent state, updated
   in O(1) per event through ``MambaSequenceEncoder.step``; atomic, checksummed save / load.
+* :class:`FaissItemIndex` (:mod:`.ann`): optional approximate top-K through a faiss IVF index of
+  the item table (the ``[faiss]`` extra).
 
 Names load on first access.
 """
@@ -27,10 +29,12 @@ _LAZY = {
     "item_source": "torchrec_mamba.serving.tables",
     "Recommender": "torchrec_mamba.serving.recommender",
     "IdVocab": "torchrec_mamba.serving.vocab",
+    "FaissItemIndex": "torchrec_mamba.serving.ann",
 }
 
 __all__ = [
     "ChunkedTopK",
+    "FaissItemIndex",
     "IdVocab",
     "ItemSource",
     "Recommender",
@@ -42,6 +46,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from torchrec_mamba.serving.ann import FaissItemIndex
     from torchrec_mamba.serving.evaluate import evaluate_chunked
     from torchrec_mamba.serving.recommender import Recommender
     from torchrec_mamba.serving.state_store import StateFileError, UserStateStore
