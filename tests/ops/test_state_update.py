@@ -81,14 +81,15 @@ def _scan(t: dict, use: dict, stop: int | None = None) -> tuple[torch.Tensor, to
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("has_z", [False, True])
 @pytest.mark.parametrize("has_D", [False, True])
+@pytest.mark.parametrize("nstate", [4, 32])  # 32: the kernel's whole-vector path in float32
 def test_steps_equal_scan(
-    has_D: bool, has_z: bool, bias: bool, softplus: bool, dtype: torch.dtype
+    nstate: int, has_D: bool, has_z: bool, bias: bool, softplus: bool, dtype: torch.dtype
 ) -> None:
-    t = _inputs(2, 5, 4, 7, dtype)
+    t = _inputs(2, 5, nstate, 7, dtype)
     use = {"D": has_D, "z": has_z, "bias": bias, "softplus": softplus}
     y_ref, h_ref = _scan(t, use)
     for fn in (selective_state_update, selective_state_update_ref):
-        state = torch.zeros(2, 5, 4, dtype=dtype)
+        state = torch.zeros(2, 5, nstate, dtype=dtype)
         y = _step_all(fn, state, t, 0, use)
         assert y.dtype == dtype
         torch.testing.assert_close(y, y_ref, **TOL[dtype])
@@ -211,7 +212,7 @@ class _Spy:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("nstate", [1, 5, 32])
+@pytest.mark.parametrize("nstate", [1, 5, 16, 32])  # 16, 32: whole-vector path (float32)
 @pytest.mark.parametrize(
     "use",
     [

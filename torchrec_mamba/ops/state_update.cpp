@@ -4,9 +4,69 @@
 
 #include "kernel_common.h"
 
+#include <cstring>
+
 namespace {
 
 using namespace torchrec_mamba_cpu;
+
+// The state rows r = (b, d), each updated with ssm_step: on entry y[r] holds dt (bias and
+// softplus applied), on exit the row's output sum_n C[n] h[n].
+template <typename T>
+void state_rows_scalar(T* state, const T* x, const T* A, const T* Bv, const T* Cv, int64_t Dm,
+                       int64_t N, int64_t rows, int nt, T* y) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t b = r / Dm, d = r % Dm;
+    const T dtv = y[r];
+    const T dtx = dtv * x[r];
+    const T dts = dtv * kDecayScale<T>;
+    T* __restrict h = state + r * N;
+    const T* __restrict a = A + d * N;
+    const T* __restrict bn = Bv + b * N;
+    const T* __restrict cn = Cv + b * N;
+    y[r] = ssm_step(dts, dtx, a, h, h, static_cast<T*>(nullptr), bn, cn, N);  // in place
+  }
+}
+
+inline vf vload(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(vf));
+  return v;
+}
+
+inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof(vf)); }
+
+// The same with N a multiple of kLanes: each row is N / kLanes whole vectors (the vector decay
+// of the scan forward, vexp2), one horizontal sum per row instead of a masked reduction loop:
+// 892 -> ~600 us for 256 x 128 x 32 states on one Zen 4 core. What is left is the exp, one per
+// state element.
+void state_rows_vectorised(float* state, const float* x, const float* A, const float* Bv,
+                           const float* Cv, int64_t Dm, int64_t N, int64_t rows, int nt,
+                           float* y) {
+  const int64_t batch = rows / Dm;
+  // Batch rows outer, channels inner: no division per row, and B / C of a batch row stay hot.
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* bn = Bv + b * N;
+    const float* cn = Cv + b * N;
+    for (int64_t d = 0; d < Dm; ++d) {
+      const int64_t r = b * Dm + d;
+      const float dtv = y[r];
+      const vf dtx = vsplat(dtv * x[r]);
+      const vf dts = vsplat(dtv * kDecayScale<float>);
+      float* h = state + r * N;
+      const float* a = A + d * N;
+      vf acc{};
+      for (int64_t n = 0; n < N; n += kLanes) {
+        const vf hn = decay_exp(dts * vload(a + n)) * vload(h + n) + dtx * vload(bn + n);
+        vstore(h + n, hn);
+        acc += vload(cn + n) * hn;
+      }
+      y[r] = vsum(acc);
+    }
+  }
+}
 
 template <typename T>
 void state_update_kernel(T* state, const T* x, const T* dt, const T* A, const T* Bv, const T* Cv,
@@ -24,17 +84,14 @@ void state_update_kernel(T* state, const T* x, const T* dt, const T* A, const T*
     for (int64_t r = 0; r < rows; ++r) y[r] = softplus(y[r]);
   }
   const int nt = num_threads_for(rows * N / 16384 + 1);
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t b = r / Dm, d = r % Dm;
-    const T dtv = y[r];
-    const T dtx = dtv * x[r];
-    const T dts = dtv * kDecayScale<T>;
-    T* __restrict h = state + r * N;
-    const T* __restrict a = A + d * N;
-    const T* __restrict bn = Bv + b * N;
-    const T* __restrict cn = Cv + b * N;
-    y[r] = ssm_step(dts, dtx, a, h, h, static_cast<T*>(nullptr), bn, cn, N);  // in place
+  if constexpr (std::is_same_v<T, float>) {
+    if (N % kLanes == 0) {  // the usual case (N = 16, 32, 64): kLanes states per vector
+      state_rows_vectorised(state, x, A, Bv, Cv, Dm, N, rows, nt, y);
+    } else {
+      state_rows_scalar(state, x, A, Bv, Cv, Dm, N, rows, nt, y);
+    }
+  } else {
+    state_rows_scalar(state, x, A, Bv, Cv, Dm, N, rows, nt, y);
   }
   // Skip and gate, vectorised over rows.
   if (z) {
