@@ -10,6 +10,7 @@ dtypes.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -157,15 +158,17 @@ def test_gelu_dropout_other_backends_drop_gelu_at_rate_p(backend: str) -> None:
     torch.testing.assert_close(x.grad, torch.where(kept, g * slope / 0.75, 0.0))
 
 
-def test_gelu_dropout_rejects_bad_input() -> None:
-    with pytest.raises(ValueError, match=r"gelu_dropout: p must be in \[0, 1\), got 1.5"):
-        gelu_dropout(torch.ones(3), 1.5)
+@pytest.mark.parametrize("op", [dropout, gelu_dropout], ids=["dropout", "gelu_dropout"])
+def test_bad_input_is_named(op: Any) -> None:
+    name = op.__name__
+    with pytest.raises(ValueError, match=rf"{name}: p must be in \[0, 1\), got 1.5"):
+        op(torch.ones(3), 1.5)
     with pytest.raises(
-        TypeError, match="gelu_dropout: x must be a floating torch.Tensor, got torch.int32"
+        TypeError, match=f"{name}: x must be a floating torch.Tensor, got torch.int32"
     ):
-        gelu_dropout(torch.ones(3, dtype=torch.int32), 0.1)
-    with pytest.raises(ValueError, match=r"gelu_dropout: backend 'cpu' cannot run these tensors"):
-        gelu_dropout(torch.ones(3, dtype=torch.bfloat16), 0.1, backend="cpu")
+        op(torch.ones(3, dtype=torch.int32), 0.1)
+    with pytest.raises(ValueError, match=rf"{name}: backend 'cpu' cannot run these tensors"):
+        op(torch.ones(3, dtype=torch.bfloat16), 0.1, backend="cpu")
 
 
 def test_feed_forward_training_equals_gelu_then_dropout() -> None:
