@@ -127,6 +127,18 @@ def test_corrupt_files_are_named(tmp_path: Path) -> None:
         Recommender.load(run)
 
 
+class _Payload:
+    """A pickled object a weights_only load must refuse (it could run code when unpickled)."""
+
+
+def test_model_pt_with_a_pickled_object_is_refused(tmp_path: Path) -> None:
+    run = _write_run(tmp_path)
+    state = torch.load(run / "model.pt", weights_only=True)
+    torch.save({**state, "extra": _Payload()}, run / "model.pt")
+    with pytest.raises(ValueError, match=r"model\.pt is corrupt or not a weights-only state_dict"):
+        Recommender.load(run)
+
+
 def test_loading_leaves_the_global_rng_alone(run_dir: Path) -> None:
     torch.manual_seed(5)
     expected = torch.rand(3)
