@@ -88,19 +88,22 @@ class FaissItemIndex:
             keep = ~torch.isin(ids.cpu(), skip)
             ids_parts.append(ids.cpu()[keep])
             vec_parts.append(emb.detach().float().cpu()[keep])
-        ids = torch.cat(ids_parts).numpy().astype(np.int64)  # (n,)
+        item_ids = torch.cat(ids_parts).numpy().astype(np.int64)  # (n,)
         vectors = np.ascontiguousarray(torch.cat(vec_parts).numpy(), dtype=np.float32)  # (n, D)
-        if nlist > len(ids):
-            raise ValueError(f"FaissItemIndex: nlist={nlist} exceeds the {len(ids)} indexed items")
+        if nlist > len(item_ids):
+            raise ValueError(
+                f"FaissItemIndex: nlist={nlist} exceeds the {len(item_ids)} indexed items"
+            )
         dim = vectors.shape[1]
         quantizer = faiss.IndexFlatIP(dim)
         self.index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
-        sample = rng.choice(len(ids), size=min(len(ids), train_per_list * nlist), replace=False)
+        n = len(item_ids)
+        sample = rng.choice(n, size=min(n, train_per_list * nlist), replace=False)
         self.index.train(vectors[np.sort(sample)])
-        self.index.add_with_ids(vectors, ids)
+        self.index.add_with_ids(vectors, item_ids)
         self.index.nprobe = min(nprobe, nlist)
-        self.num_indexed = len(ids)
+        self.num_indexed = n
         self.dim = dim
 
     @classmethod
