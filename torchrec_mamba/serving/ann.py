@@ -15,7 +15,6 @@ when an index is built, and a missing faiss is an ``ImportError`` that says how 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -27,8 +26,6 @@ from torchrec_mamba.serving.topk import ItemSource
 
 if TYPE_CHECKING:
     from torchrec_mamba.serving.recommender import Recommender
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["FaissItemIndex"]
 
