@@ -81,7 +81,8 @@ def test_run_dir_rebuilds_the_best_model_without_training(
 def test_train_writes_metrics_and_prints_them_last(
     tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(train_args(tiny, tmp_path, "--epochs", "2", "--loss-positions", "last")) == 0
+    assert main(train_args(tiny, tmp_path, "--epochs", "2", "--loss-positions", "last",
+                           "--lr-schedule", "cosine", "--embedding-weight-decay", "0.001")) == 0
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     report = json.loads((tmp_path / "metrics.json").read_text())
     assert json.loads(last_line) == report
@@ -92,6 +93,9 @@ def test_train_writes_metrics_and_prints_them_last(
     assert [h["epoch"] for h in report["history"]] == [1, 2]
     assert all(set(h["valid"]) == KEYS and h["loss"] > 0 for h in report["history"])
     assert report["config"]["loss_positions"] == "last" and report["config"]["num_items"] == 25
+    assert report["config"]["lr_schedule"] == "cosine"
+    assert report["config"]["embedding_optimizer_resolved"] == {
+        "name": "adam", "lr": 2e-3, "weight_decay": 0.001}
     assert report["train_seconds_per_epoch"] > 0
 
 

@@ -185,7 +185,8 @@ def _prepare_run(cfg: RunConfig, ctx: DistributedContext):  # type: ignore[no-un
     model: Any = build_model(cfg, info, ctx.device, item_counts=counts)
     sharded = cfg.sharding is not None
     emb_opt = resolve_embedding_optimizer(
-        cfg.embedding_optimizer, cfg.embedding_lr, cfg.lr, sharded, ctx.device
+        cfg.embedding_optimizer, cfg.embedding_lr, cfg.lr, sharded, ctx.device,
+        weight_decay=cfg.embedding_weight_decay,
     )
     if cfg.sharding is not None:
         model = shard_model(model, cfg.sharding, ctx, emb_opt)
@@ -199,7 +200,8 @@ def _prepare_run(cfg: RunConfig, ctx: DistributedContext):  # type: ignore[no-un
         logger.info(
             "head_dtype 'auto' -> %s (%s)", head_dtype,
             "native bf16 GEMMs" if head_dtype == "bfloat16" else "no native bf16 GEMMs here")
-    derived = dict(embedding_optimizer_resolved={"name": emb_opt.name, "lr": emb_opt.lr},
+    derived = dict(embedding_optimizer_resolved={"name": emb_opt.name, "lr": emb_opt.lr,
+                                                 "weight_decay": emb_opt.weight_decay},
                    head_dtype_resolved=head_dtype,
                    num_items=data.num_items, num_users=data.num_users,
                    world_size=ctx.world_size, split_stats=dict(split.stats))
@@ -237,6 +239,7 @@ def _train(args: argparse.Namespace) -> int:
             epochs=cfg.epochs, patience=cfg.patience, mask_seen=cfg.mask_seen,
             pipeline=cfg.pipeline, checkpoint_dir=cfg.checkpoint_dir, resume=mode == "resume",
             progress=not cfg.no_progress, best_model_path=str(Path(cfg.output) / _MODEL_FILE),
+            lr_schedule=cfg.lr_schedule,
         )
     except ValueError as err:
         return _error(err)

@@ -58,6 +58,12 @@ def test_unknown_key_and_bad_values_raise(tmp_path: Path) -> None:
         RunConfig(batch_size=0)
     with pytest.raises(ValueError, match=r"RunConfig.dropout must be in \[0, 1\), got 1.5"):
         RunConfig(dropout=1.5)
+    with pytest.raises(ValueError, match="RunConfig.embedding_weight_decay must be a number >= 0, got -0.1"):
+        RunConfig(embedding_weight_decay=-0.1)
+    with pytest.raises(ValueError, match="RunConfig.weight_decay must be a number >= 0, got nan"):
+        RunConfig(weight_decay=float("nan"))
+    with pytest.raises(ValueError, match=r"RunConfig.lr_schedule='step': choose from"):
+        RunConfig(lr_schedule="step")
     with pytest.raises(FileNotFoundError, match="run_config.json not found"):
         RunConfig.load(tmp_path / "nowhere")
 

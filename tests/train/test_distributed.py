@@ -101,6 +101,13 @@ def test_embedding_optimizer_resolution() -> None:
         EmbeddingOptimizerConfig("lamb", 1e-3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="embedding lr must be > 0"):
         EmbeddingOptimizerConfig("adam", 0.0)
+    decayed = resolve_embedding_optimizer("auto", None, 1e-3, False, CPU, weight_decay=0.01)
+    assert decayed.weight_decay == 0.01
+    table_opt = decayed.torch_optimizer([torch.nn.Parameter(torch.zeros(3, 2))])
+    assert table_opt.param_groups[0]["weight_decay"] == 0.01
+    assert resolve_embedding_optimizer("auto", None, 1e-3, True, CPU, 0.02).fused_params()["weight_decay"] == 0.02
+    with pytest.raises(ValueError, match="embedding weight_decay must be >= 0, got -1"):
+        EmbeddingOptimizerConfig("adam", 1e-3, weight_decay=-1)
 
 
 def test_fused_params_carry_the_optimizer() -> None:
@@ -219,7 +226,7 @@ def _worker(out: Path) -> None:  # pragma: no cover - runs in the torchrun subpr
 
     from torchrec_mamba.data import SequenceData, SequenceLoader, leave_one_out
     from torchrec_mamba.train.distributed import destroy_distributed, unwrap
-    from torchrec_mamba.train.loop import FitConfig, evaluate, fit, train_one_epoch
+    from torchrec_mamba.train.loop import FitConfig, evaluate, fit, lr_factor, train_one_epoch
     from torchrec_mamba.train.metrics import ranking_metrics
 
     ctx = init_distributed(device="cpu")
@@ -250,7 +257,12 @@ def _worker(out: Path) -> None:  # pragma: no cover - runs in the torchrun subpr
     result["valid_before"] = evaluate(dmp, valid, ctx)
     train = loader(split.train, rank, world)
     losses = []
+    # A cosine lr, as fit's --lr-schedule sets it: the fused table optimizer must follow it
+    # (FBGEMM reads param_groups' lr at zero_grad/step) for the reference below to match.
+    base_lrs = [g["lr"] for g in opt.param_groups]
     for epoch in range(3):
+        for group, base in zip(opt.param_groups, base_lrs):
+            group["lr"] = base * lr_factor("cosine", epoch, 3)
         train.set_epoch(epoch)
         losses.append(train_one_epoch(dmp, opt, train, ctx, progress=False, epoch=epoch))
     result["epoch_losses"] = losses
@@ -272,6 +284,8 @@ def _worker(out: Path) -> None:  # pragma: no cover - runs in the torchrun subpr
         ref_table = torch.optim.Adagrad(ref.ec.parameters(), lr=0.05, eps=1e-8)
         halves = [loader(split.train, r, world) for r in range(world)]
         for epoch in range(3):
+            for ref_opt, base in ((ref_dense, 1e-2), (ref_table, 0.05)):
+                ref_opt.param_groups[0]["lr"] = base * lr_factor("cosine", epoch, 3)
             for h in halves:
                 h.set_epoch(epoch)
             for b0, b1 in zip(*halves, strict=True):

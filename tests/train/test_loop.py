@@ -128,11 +128,46 @@ def test_early_stopping_and_test_at_best_epoch(monkeypatch: pytest.MonkeyPatch) 
         ({"resume": True}, "resume=True needs a checkpoint_dir"),
         ({"monitor": "ndcg@7"}, "monitor 'ndcg@7' must be"),
         ({"pipeline": "fast"}, "unknown pipeline 'fast'"),
+        ({"lr_schedule": "linear"}, r"lr_schedule must be one of \('constant', 'cosine'\), got 'linear'"),
     ],
 )
 def test_fit_config_validation(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         FitConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_lr_factor_values_and_unknown_schedule() -> None:
+    assert [loop.lr_factor("constant", e, 5) for e in range(5)] == [1.0] * 5
+    cosine = [loop.lr_factor("cosine", e, 5) for e in range(5)]
+    assert cosine[0] == 1.0 and cosine[2] == pytest.approx((1 + np.cos(np.pi * 2 / 5)) / 2)
+    assert all(a > b > 0 for a, b in zip(cosine, cosine[1:]))  # decreasing, never 0
+    with pytest.raises(ValueError, match="unknown lr schedule 'step'"):
+        loop.lr_factor("step", 0, 5)
+
+
+@pytest.mark.parametrize("lr_schedule", ["constant", "cosine"])
+def test_fit_sets_every_param_groups_lr_from_the_schedule_each_epoch(lr_schedule: str) -> None:
+    data, split = tiny_split()
+    torch.manual_seed(0)
+    enc = MambaSequenceEncoder(d_model=8, d_state=4, dropout=0.0, backend="reference")
+    model = Mamba4Rec(Mamba4RecConfig(num_items=data.num_items, embedding_dim=8), enc)
+    # decayed and undecayed dense groups plus the table's own optimizer and lr
+    opt = build_optimizer(model, 1e-2, 0.1, EmbeddingOptimizerConfig("adagrad", lr=0.05))
+    base = [g["lr"] for g in opt.param_groups]
+    assert len(base) >= 3 and 0.05 in base and 1e-2 in base
+    seen: dict[int, list[float]] = {}
+
+    def hook(epoch: int, done: int) -> None:
+        seen.setdefault(epoch, [g["lr"] for g in opt.param_groups])
+
+    train = SequenceLoader(split.train, batch_size=16, shuffle=True, seed=1)
+    valid = SequenceLoader(split.valid, batch_size=16, shuffle=False, seed=0)
+    config = FitConfig(epochs=4, patience=4, progress=False, lr_schedule=lr_schedule)
+    fit(model, opt, train, valid, valid, config, CTX, on_batch_end=hook)
+    assert sorted(seen) == [0, 1, 2, 3]
+    for epoch, lrs in seen.items():
+        factor = loop.lr_factor(lr_schedule, epoch, 4)
+        assert lrs == pytest.approx([b * factor for b in base]), epoch
 
 
 def test_sparse_dist_needs_dmp() -> None:
@@ -161,7 +196,7 @@ def _parquet_splits(tmp_path):  # type: ignore[no-untyped-def]
                  for n in ("train", "valid", "test"))
 
 
-def _parquet_run(tmp_path, ckpt, hook=None, resume=False):  # type: ignore[no-untyped-def]
+def _parquet_run(tmp_path, ckpt, hook=None, resume=False, lr_schedule="constant"):  # type: ignore[no-untyped-def]
     from torchrec_mamba.train.config import DataInfo, RunConfig, build_model
 
     train, valid, test = _parquet_splits(tmp_path)
@@ -172,7 +207,7 @@ def _parquet_run(tmp_path, ckpt, hook=None, resume=False):  # type: ignore[no-un
     opt = build_optimizer(model, 1e-2, 0.0, EmbeddingOptimizerConfig("adam", lr=1e-2))
     config = FitConfig(epochs=3, patience=3, progress=False, all_tasks=True,
                        checkpoint_dir=str(ckpt), resume=resume,
-                       best_model_path=str(ckpt / "model.pt"))
+                       best_model_path=str(ckpt / "model.pt"), lr_schedule=lr_schedule)
     return fit(model, opt, train, valid, test, config, CTX, on_batch_end=hook), model
 
 
@@ -180,10 +215,11 @@ class _Crash(Exception):
     pass
 
 
-def test_parquet_training_resumes_exactly_after_a_crash(tmp_path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("lr_schedule", ["constant", "cosine"])
+def test_parquet_training_resumes_exactly_after_a_crash(tmp_path, lr_schedule) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    whole, model = _parquet_run(tmp_path / "a", tmp_path / "a" / "ckpt")
+    whole, model = _parquet_run(tmp_path / "a", tmp_path / "a" / "ckpt", lr_schedule=lr_schedule)
     assert set(whole.test_tasks) == {"next_item", "next_category"}
     assert whole.test == whole.test_tasks["next_item"]
     assert all(set(h["tasks"]) == {"next_item", "next_category"} for h in whole.history)
@@ -196,8 +232,9 @@ def test_parquet_training_resumes_exactly_after_a_crash(tmp_path) -> None:  # ty
 
     ckpt = tmp_path / "b" / "ckpt"
     with pytest.raises(_Crash):
-        _parquet_run(tmp_path / "b", ckpt, hook=crash)
-    resumed, _ = _parquet_run(tmp_path / "b", ckpt, resume=True)
+        _parquet_run(tmp_path / "b", ckpt, hook=crash, lr_schedule=lr_schedule)
+    # the resumed run continues the schedule at epoch 2 (its loaded param groups hold epoch 1's lr)
+    resumed, _ = _parquet_run(tmp_path / "b", ckpt, resume=True, lr_schedule=lr_schedule)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history]
     assert resumed.test_tasks == whole.test_tasks and resumed.valid == whole.valid
     assert resumed.best_epoch == whole.best_epoch

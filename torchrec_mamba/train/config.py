@@ -30,6 +30,7 @@ __all__ = [
     "DATA_INFO",
     "MODEL_DROPOUT",
     "RUN_CONFIG",
+    "LR_SCHEDULES",
     "DataInfo",
     "RunConfig",
     "add_run_config_args",
@@ -49,6 +50,8 @@ MODEL_DROPOUT = {"mamba4rec": 0.5, "sasrec": 0.5}
 
 _MODELS = ("mamba4rec", "sasrec")
 _BACKENDS = ("auto", "fused", "cpu", "chunked", "reference")
+#: Learning-rate schedules of a run (``train.loop.lr_factor``).
+LR_SCHEDULES = ("constant", "cosine")
 Pipeline = Literal["auto", "sparse_dist", "base", "plain"]
 Sharding = Literal["table_wise", "row_wise", "column_wise"]
 
@@ -107,6 +110,11 @@ class RunConfig:
     patience: int = _opt(10, "early-stopping patience", "train")
     lr: float = _opt(2e-3, "learning rate", "train")
     weight_decay: float = _opt(0.0, "AdamW decay of dense weights (0: Adam)", "train")
+    lr_schedule: str = _opt("constant", "learning-rate schedule over --epochs: constant, or cosine "
+                            "(every lr, tables included, times (1 + cos(pi * epoch / epochs)) / 2 "
+                            "from the start of each epoch)", "train", choices=LR_SCHEDULES)
+    embedding_weight_decay: float = _opt(0.0, "L2 weight decay of the embedding tables (the "
+                                         "table optimizer's weight_decay; 0: none)", "train")
     head_dtype: str = _opt("auto", "dtype of the training softmax product (auto: bfloat16 where "
                            "the device has native bf16 GEMMs, i.e. CUDA with bf16 or a CPU with "
                            "AVX512-BF16/AMX, else float32; bfloat16 is several times faster "
@@ -166,6 +174,11 @@ class RunConfig:
                 raise ValueError(f"RunConfig.{name} must be in [0, 1), got {p!r}")
         if not self.lr > 0:
             raise ValueError(f"RunConfig.lr must be > 0, got {self.lr!r}")
+        for name in ("weight_decay", "embedding_weight_decay"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and math.isfinite(value) and value >= 0):
+                raise ValueError(f"RunConfig.{name} must be a number >= 0, got {value!r}")
         if not (isinstance(self.label_smoothing, (int, float)) and not isinstance(
                 self.label_smoothing, bool) and 0.0 <= self.label_smoothing < 1.0):
             raise ValueError(f"RunConfig.label_smoothing must be in [0, 1), got "

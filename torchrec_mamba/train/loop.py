@@ -43,16 +43,40 @@ from tqdm import tqdm
 
 from torchrec_mamba.data.batch import SequenceBatch
 from torchrec_mamba.data.loader import Loader
+from torchrec_mamba.train.config import LR_SCHEDULES
 from torchrec_mamba.train.checkpoint import load_checkpoint, save_checkpoint
 from torchrec_mamba.train.distributed import DistributedContext, full_state_dict, unwrap
 from torchrec_mamba.train.evaluation import evaluate, evaluate_tasks
 
-__all__ = ["FitConfig", "FitResult", "evaluate", "evaluate_tasks", "fit", "train_one_epoch"]
+__all__ = [
+    "LR_SCHEDULES", "FitConfig", "FitResult", "evaluate", "evaluate_tasks", "fit", "lr_factor",
+    "train_one_epoch",
+]
 
 logger = logging.getLogger(__name__)
 
 Pipeline = Literal["auto", "sparse_dist", "base", "plain"]
 BatchHook = Callable[[int, int], None]
+
+
+def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
+    """The multiplier of the built learning rates during 0-based ``epoch`` of ``epochs``.
+
+    ``"cosine"`` is half a cosine sampled at epoch starts: 1 for the first epoch, then down to
+    ``(1 + cos(pi * (epochs - 1) / epochs)) / 2`` (small, never 0) for the last.
+
+    Example::
+
+        >>> [round(lr_factor("cosine", e, 4), 3) for e in range(4)]
+        [1.0, 0.854, 0.5, 0.146]
+        >>> lr_factor("constant", 3, 4)
+        1.0
+    """
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    raise ValueError(f"unknown lr schedule {schedule!r}; choose from {LR_SCHEDULES}")
 
 
 @dataclass(frozen=True)
@@ -77,6 +101,11 @@ class FitConfig:
         best_model_path (str | None): write the best epoch's model ``state_dict`` here (loadable
             with ``torch.load(weights_only=True)``), on rank 0; a sharded model's tables are
             gathered first, so the file always loads into the unsharded model. Default: None.
+        lr_schedule (str): ``"constant"`` keeps every learning rate as built; ``"cosine"``
+            scales each param group's built lr (tables included, fused or not) by
+            :func:`lr_factor` at the start of every epoch, from 1 at epoch 1 towards 0 at
+            ``epochs``. A function of the epoch only, so ``resume`` continues it. Default:
+            ``"constant"``.
 
     Example::
 
@@ -95,8 +124,13 @@ class FitConfig:
     progress: bool = True
     all_tasks: bool = False
     best_model_path: str | None = None
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"
+            )
         if not isinstance(self.epochs, int) or self.epochs < 1:
             raise ValueError(f"epochs must be an int >= 1, got {self.epochs!r}")
         if not isinstance(self.patience, int) or self.patience < 1:
@@ -359,11 +393,16 @@ def fit(
     Returns:
         FitResult: best-epoch metrics and the per-epoch history.
     """
+    # The lrs as built, read before a resume loads (scheduled) lrs into the param groups.
+    base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
     progress = _restore(model, optimizer, train_loader, config, ctx)
     loaders = (train_loader, valid_loader, test_loader)
     for epoch in range(int(progress["epoch"]), config.epochs):
         if progress["stopped_early"]:
             break
+        factor = lr_factor(config.lr_schedule, epoch, config.epochs)
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * factor  # type: ignore[index]  # fused tables read it at step()
         _run_epoch(model, optimizer, loaders, config, ctx, progress, epoch, on_batch_end)
         if config.checkpoint_dir is not None:
             save_checkpoint(

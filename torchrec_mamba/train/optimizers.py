@@ -76,6 +76,8 @@ class EmbeddingOptimizerConfig:
             )
         if not self.lr > 0:
             raise ValueError(f"embedding lr must be > 0, got {self.lr}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"embedding weight_decay must be >= 0, got {self.weight_decay}")
 
     def fused_params(self) -> dict[str, object]:
         """The ``fused_params`` of TorchRec's sharders for this optimizer."""
@@ -120,6 +122,7 @@ def resolve_embedding_optimizer(
     dense_lr: float,
     sharded: bool,
     device: torch.device,
+    weight_decay: float = 0.0,
 ) -> EmbeddingOptimizerConfig:
     """Pick the table optimizer; ``"auto"`` is Adam unless tables are sharded on CPU.
 
@@ -130,6 +133,7 @@ def resolve_embedding_optimizer(
         dense_lr (float): learning rate of the dense layers.
         sharded (bool): tables are sharded by DMP.
         device (torch.device): compute device.
+        weight_decay (float): L2 weight decay of the tables. Default: 0.0.
 
     Example::
 
@@ -159,7 +163,9 @@ def resolve_embedding_optimizer(
         raise ValueError("rowwise_adagrad is only available for sharded tables (FBGEMM fused)")
     if lr is None:
         lr = dense_lr if name == "adam" else DEFAULT_ADAGRAD_LR
-    return EmbeddingOptimizerConfig(cast(EmbeddingOptimizerName, name), lr=lr)
+    return EmbeddingOptimizerConfig(
+        cast(EmbeddingOptimizerName, name), lr=lr, weight_decay=weight_decay
+    )
 
 
 def _no_weight_decay(name: str, param: torch.Tensor) -> bool:
