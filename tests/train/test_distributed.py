@@ -261,7 +261,7 @@ def _worker(out: Path) -> None:  # pragma: no cover - runs in the torchrun subpr
     # (FBGEMM reads param_groups' lr at zero_grad/step) for the reference below to match.
     base_lrs = [g["lr"] for g in opt.param_groups]
     for epoch in range(3):
-        for group, base in zip(opt.param_groups, base_lrs):
+        for group, base in zip(opt.param_groups, base_lrs, strict=True):
             group["lr"] = base * lr_factor("cosine", epoch, 3)
         train.set_epoch(epoch)
         losses.append(train_one_epoch(dmp, opt, train, ctx, progress=False, epoch=epoch))

@@ -140,7 +140,7 @@ def test_lr_factor_values_and_unknown_schedule() -> None:
     assert [loop.lr_factor("constant", e, 5) for e in range(5)] == [1.0] * 5
     cosine = [loop.lr_factor("cosine", e, 5) for e in range(5)]
     assert cosine[0] == 1.0 and cosine[2] == pytest.approx((1 + np.cos(np.pi * 2 / 5)) / 2)
-    assert all(a > b > 0 for a, b in zip(cosine, cosine[1:]))  # decreasing, never 0
+    assert all(a > b > 0 for a, b in zip(cosine, cosine[1:], strict=False))  # decreasing, never 0
     with pytest.raises(ValueError, match="unknown lr schedule 'step'"):
         loop.lr_factor("step", 0, 5)
 

@@ -43,8 +43,8 @@ from tqdm import tqdm
 
 from torchrec_mamba.data.batch import SequenceBatch
 from torchrec_mamba.data.loader import Loader
-from torchrec_mamba.train.config import LR_SCHEDULES
 from torchrec_mamba.train.checkpoint import load_checkpoint, save_checkpoint
+from torchrec_mamba.train.config import LR_SCHEDULES
 from torchrec_mamba.train.distributed import DistributedContext, full_state_dict, unwrap
 from torchrec_mamba.train.evaluation import evaluate, evaluate_tasks
 
@@ -401,7 +401,7 @@ def fit(
         if progress["stopped_early"]:
             break
         factor = lr_factor(config.lr_schedule, epoch, config.epochs)
-        for group, base in zip(optimizer.param_groups, base_lrs):
+        for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
             group["lr"] = base * factor  # type: ignore[index]  # fused tables read it at step()
         _run_epoch(model, optimizer, loaders, config, ctx, progress, epoch, on_batch_end)
         if config.checkpoint_dir is not None:
