@@ -277,10 +277,8 @@ void scan_bwd_f32(const ScanArgs<float>& p, const vf* ckpt, const float* dy, con
           if (p.z) store_tile(s.dzv, gs.dz, n_t, nc, q.dz + gs.dz.at(b, d0, t0));
         }
         // The chunk's channel-lane partial sums of dB and dC -> this (group, b)'s slab.
-        for (int64_t i = 0; i < n_t * N; ++i) {
-          dBt[t0 * N + i] = vsum(s.dBv[i]);
-          dCt[t0 * N + i] = vsum(s.dCv[i]);
-        }
+        vsum_many(s.dBv, n_t * N, dBt + t0 * N);
+        vsum_many(s.dCv, n_t * N, dCt + t0 * N);
       }
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t j = k - k0, d0 = k * kLanes;
