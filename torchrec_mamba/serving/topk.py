@@ -141,6 +141,7 @@ def _exclude_pairs(ids: Tensor, exclude: Tensor, targets: Tensor | None) -> tupl
     """(row, column) positions in a chunk with ``ids`` (C,) of each row's excluded ids (B, L)."""
     order = torch.argsort(ids)  # (C,)
     sorted_ids = ids[order]
+    exclude = exclude.contiguous()  # searchsorted copies (and warns about) a strided input
     pos = torch.searchsorted(sorted_ids, exclude).clamp(max=ids.numel() - 1)  # (B, L)
     hit = sorted_ids[pos] == exclude  # (B, L) the excluded id is in this chunk
     hit &= exclude > 0
