@@ -286,19 +286,23 @@ class MambaBlock(nn.Module):
         u = causal_conv1d(u_pre.transpose(1, 2), conv_weight, self.conv1d.bias, activation="silu")
         u = u.transpose(1, 2)  # (B, L, E)
         x_dbl = F.linear(u, self.x_proj.weight)  # (B, L, R + 2N)
-        dt, b_mat, c_mat = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = _ThinLinear.apply(dt, self.dt_proj.weight)  # (B, L, E); bias, softplus: in the scan
+        dt_low, b_mat, c_mat = torch.split(
+            x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1
+        )  # fmt: skip
         A = -torch.exp(self.A_log.to(acc))  # (E, N)
         D = self.D.to(acc)  # (E,)
         dt_bias = self.dt_proj.bias.to(acc)  # (E,)
         # (B, E, L) and (B, N, L) views for the scan's signature; nothing is copied.
         u_cf, z_cf, b_cf, c_cf = (t.transpose(1, 2) for t in (u, z, b_mat, c_mat))
         if not return_state:
+            # dt_proj, its bias and the softplus happen inside the scan (fused on the CPU
+            # kernel: the (B, L, E) time step is never stored).
             y = selective_scan(
-                u_cf, dt.transpose(1, 2), A, b_cf, c_cf, D, z_cf, dt_bias, delta_softplus=True,
-                backend=self.backend,
+                u_cf, dt_low.transpose(1, 2), A, b_cf, c_cf, D, z_cf, dt_bias,
+                delta_softplus=True, backend=self.backend, delta_proj=self.dt_proj.weight,
             )  # fmt: skip
             return self.out_proj(y.transpose(1, 2))  # (B, L, D)
+        dt = _ThinLinear.apply(dt_low, self.dt_proj.weight)  # (B, L, E)
 
         if lengths is None:
             lengths = torch.full((batch,), length, dtype=torch.long, device=x.device)

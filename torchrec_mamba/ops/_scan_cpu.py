@@ -141,6 +141,7 @@ class KernelLoader:
         ops = torch.ops.torchrec_mamba_scan
         # Raise now if an op is not registered.
         ops.selective_scan_fwd, ops.selective_scan_bwd  # noqa: B018
+        ops.selective_scan_proj_fwd, ops.selective_scan_proj_bwd  # noqa: B018
         ops.causal_conv1d_fwd, ops.causal_conv1d_bwd, ops.dropout_seeded  # noqa: B018
         ops.gelu_dropout_fwd, ops.gelu_dropout_bwd  # noqa: B018
         ops.causal_conv1d_update_cpu, ops.selective_state_update_cpu  # noqa: B018
@@ -251,6 +252,103 @@ class _SelectiveScanCPU(torch.autograd.Function):
             dbias if delta_bias is not None and need[7] else None,
             None,
         )
+
+
+class _SelectiveScanProjCPU(torch.autograd.Function):
+    """Autograd wrapper of the float32 scan with dt_proj fused in (time step = dt_w @ dt_low)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        u: Tensor,  # (B, D, L)
+        dt_low: Tensor,  # (B, R, L)
+        dt_w: Tensor,  # (D, R)
+        A: Tensor,  # (D, N)
+        Bt: Tensor,  # (B, L, N)
+        Ct: Tensor,  # (B, L, N)
+        D: Tensor | None,  # (D,)
+        z: Tensor | None,  # (B, D, L)
+        delta_bias: Tensor | None,  # (D,)
+        delta_softplus: bool,
+    ) -> tuple[Tensor, Tensor]:
+        ops = _LOADER.get()
+        grad = any(ctx.needs_input_grad)
+        y, last, ckpt = ops.selective_scan_proj_fwd(
+            u, dt_low, dt_w, A, Bt, Ct, D, z, delta_bias, delta_softplus, grad
+        )
+        ctx.save_for_backward(u, dt_low, dt_w, A, Bt, Ct, D, z, delta_bias, ckpt)
+        ctx.delta_softplus = delta_softplus
+        ctx.set_materialize_grads(False)
+        return y, last  # (B, D, L), (B, D, N)
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: Any, dy: Tensor | None, dlast: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        u, dt_low, dt_w, A, Bt, Ct, D, z, delta_bias, ckpt = ctx.saved_tensors
+        dy = torch.zeros_like(u) if dy is None else dy.to(u.dtype)
+        if dlast is not None:
+            dlast = dlast.to(u.dtype).contiguous()
+        ops = _LOADER.get()
+        du, ddt_low, ddt_w, dA, dBt, dCt, dD, dz, dbias = ops.selective_scan_proj_bwd(
+            u, dt_low, dt_w, A, Bt, Ct, D, z, delta_bias, ctx.delta_softplus, ckpt, dy, dlast
+        )
+        need = ctx.needs_input_grad
+        return (
+            du if need[0] else None,
+            ddt_low if need[1] else None,
+            ddt_w if need[2] else None,
+            dA if need[3] else None,
+            dBt if need[4] else None,
+            dCt if need[5] else None,
+            dD if D is not None and need[6] else None,
+            dz if z is not None and need[7] else None,
+            dbias if delta_bias is not None and need[8] else None,
+            None,
+        )
+
+
+def selective_scan_proj(
+    u: Tensor,
+    dt_low: Tensor,
+    dt_w: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+    return_last_state: bool,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The float32 scan with dt_proj fused: the time step is ``dt_w @ dt_low`` per channel.
+
+    Same result as :func:`selective_scan` with ``delta = dt_w @ dt_low`` ((B, D, L)), without
+    that tensor or its gradient ever being written: the kernel forms each tile of it from the
+    (B, R, L) ``dt_low`` (any layout) and accumulates the gradients of ``dt_low`` and ``dt_w``.
+    u must be float32 (the caller composes the product for other dtypes); activations are read
+    in their own layout, as by :func:`selective_scan`.
+
+    Raises:
+        RuntimeError: the kernel failed to build (see :func:`build_error`).
+    """
+    if not is_available():
+        raise RuntimeError(f"selective_scan: the C++ CPU kernel is unavailable: {build_error()}")
+    if u.dtype != torch.float32:
+        raise TypeError(f"selective_scan_proj: needs float32 activations, got {u.dtype}")
+    f32 = torch.float32
+
+    def prep(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.to(f32).contiguous()
+
+    Bt = B.to(f32).transpose(1, 2).contiguous()  # (B, L, N)
+    Ct = C.to(f32).transpose(1, 2).contiguous()  # (B, L, N)
+    y, last = _SelectiveScanProjCPU.apply(
+        u, dt_low.to(f32), prep(dt_w), prep(A), Bt, Ct, prep(D), z, prep(delta_bias),
+        delta_softplus,
+    )  # fmt: skip
+    return (y, last) if return_last_state else y
 
 
 def selective_scan(

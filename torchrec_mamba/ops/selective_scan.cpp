@@ -224,9 +224,11 @@ void scan_bwd(const ScanArgs<T>& p, const T* ckpt, const T* dy, const T* dlast,
   }
 }
 
+// rank > 0: delta is the (B, rank, L) low-rank time step (float32 only).
 void check_args(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                 const at::Tensor& Bt, const at::Tensor& Ct, const std::optional<at::Tensor>& D,
-                const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias) {
+                const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
+                int64_t rank = 0) {
   TORCH_CHECK(u.dim() == 3, "selective_scan_cpu: u must be (B, D, L), got ", u.sizes());
   TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble,
               "selective_scan_cpu: needs float32 or float64 tensors, got ", u.scalar_type());
@@ -247,7 +249,7 @@ void check_args(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& 
                 " must be contiguous");
   };
   check(u, "u", {Bm, Dm, L}, true);
-  check(delta, "delta", {Bm, Dm, L}, true);
+  check(delta, rank > 0 ? "dt_low" : "delta", {Bm, rank > 0 ? rank : Dm, L}, true);
   check(A, "A", {Dm, N});
   check(Bt, "Bt", {Bm, L, N});
   check(Ct, "Ct", {Bm, L, N});
@@ -390,6 +392,101 @@ selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
   return {du, ddelta, dA, dBt.select(0, 0), dCt.select(0, 0), dD, dz, dbias};
 }
 
+// The scan with dt_proj fused in (float32): the time step is dt_w @ dt_low, computed per tile,
+// so the (B, D, L) time step and its gradient never exist in memory. dt_low (B, R, L) in any
+// layout, dt_w (D, R).
+void check_proj(const at::Tensor& u, const at::Tensor& dt_low, const at::Tensor& dt_w) {
+  TORCH_CHECK(u.scalar_type() == at::kFloat,
+              "selective_scan_proj_cpu: needs float32 tensors, got ", u.scalar_type());
+  TORCH_CHECK(dt_w.dim() == 2 && dt_w.size(0) == u.size(1) && dt_w.size(1) >= 1 &&
+                  dt_w.is_contiguous() && dt_w.scalar_type() == at::kFloat && dt_w.device().is_cpu(),
+              "selective_scan_proj_cpu: dt_w must be a contiguous float32 (D, R) CPU tensor, got ",
+              dt_w.sizes());
+  TORCH_CHECK(dt_low.dim() == 3, "selective_scan_proj_cpu: dt_low must be (B, R, L), got ",
+              dt_low.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_proj_fwd(
+    const at::Tensor& u, const at::Tensor& dt_low, const at::Tensor& dt_w, const at::Tensor& A,
+    const at::Tensor& Bt, const at::Tensor& Ct, const std::optional<at::Tensor>& D,
+    const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
+    bool delta_softplus, bool save_checkpoints) {
+  check_proj(u, dt_low, dt_w);
+  check_args(u, dt_low, A, Bt, Ct, D, z, delta_bias, dt_w.size(1));
+  at::Tensor y = empty_like_layout(u);
+  at::Tensor last = at::empty({u.size(0), u.size(1), A.size(1)}, u.options());
+  at::Tensor ckpt = at::empty({save_checkpoints ? checkpoint_numel(u, A.size(1)) : 0}, u.options());
+  ScanArgs<float> args = make_args<float>(u, dt_low, A, Bt, Ct, D, z, delta_bias, delta_softplus);
+  args.dt_w = dt_w.const_data_ptr<float>();
+  args.rank = dt_w.size(1);
+  scan_fwd_f32(args, y.data_ptr<float>(), strides_of(y), last.data_ptr<float>(),
+               save_checkpoints ? reinterpret_cast<vf*>(ckpt.data_ptr<float>()) : nullptr);
+  return {y, last, ckpt};
+}
+
+// Returns du, d dt_low (B, R, L; channels-last memory), d dt_w (D, R), dA, dBt, dCt, dD, dz,
+// d delta_bias (as selective_scan_bwd, with d dt_low / d dt_w in place of d delta).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor>
+selective_scan_proj_bwd(const at::Tensor& u, const at::Tensor& dt_low, const at::Tensor& dt_w,
+                        const at::Tensor& A, const at::Tensor& Bt, const at::Tensor& Ct,
+                        const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                        const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
+                        const at::Tensor& checkpoints, const at::Tensor& dy,
+                        const std::optional<at::Tensor>& dlast) {
+  check_proj(u, dt_low, dt_w);
+  const int64_t R = dt_w.size(1);
+  check_args(u, dt_low, A, Bt, Ct, D, z, delta_bias, R);
+  const int64_t Bm = u.size(0), Dm = u.size(1), L = u.size(2), N = A.size(1);
+  TORCH_CHECK(dy.sizes() == u.sizes() && dy.scalar_type() == at::kFloat,
+              "selective_scan_proj_cpu: dy must be a float32 tensor of shape ", u.sizes());
+  TORCH_CHECK(checkpoints.numel() == checkpoint_numel(u, N) && checkpoints.is_contiguous() &&
+                  checkpoints.scalar_type() == at::kFloat,
+              "selective_scan_proj_cpu: checkpoints must come from selective_scan_proj_fwd with "
+              "save_checkpoints=True");
+  if (present(dlast)) {
+    TORCH_CHECK(dlast->sizes() == at::IntArrayRef({Bm, Dm, N}) &&
+                    dlast->scalar_type() == at::kFloat && dlast->is_contiguous(),
+                "selective_scan_proj_cpu: dlast must be a contiguous float32 (B, D, N) tensor");
+  }
+  const int64_t nt = std::max<int64_t>(at::get_num_threads(), 1);
+  const int64_t groups = (Bm == 0 || Bm >= 4 * nt)
+                             ? 1
+                             : std::clamp<int64_t>((4 * nt + Bm - 1) / Bm, 1,
+                                                   std::max<int64_t>(num_blocks(Dm), 1));
+  const auto opts = u.options();
+  at::Tensor du = empty_like_layout(u);
+  at::Tensor dA = at::zeros({Dm, N}, opts);
+  at::Tensor dBt = at::zeros({groups, Bm, L, N}, opts);
+  at::Tensor dCt = at::zeros({groups, Bm, L, N}, opts);
+  at::Tensor dD = at::zeros({present(D) ? Dm : 0}, opts);
+  at::Tensor dz = present(z) ? empty_like_layout(*z) : at::empty({0}, opts);
+  at::Tensor dbias = at::zeros({present(delta_bias) ? Dm : 0}, opts);
+  at::Tensor ddt_low = at::zeros({groups, Bm, L, R}, opts);
+  at::Tensor ddt_w = at::zeros({Dm, R}, opts);
+  ScanGrads<float> q{du.data_ptr<float>(),
+                     nullptr,
+                     dA.data_ptr<float>(),
+                     dBt.data_ptr<float>(),
+                     dCt.data_ptr<float>(),
+                     present(D) ? dD.data_ptr<float>() : nullptr,
+                     present(z) ? dz.data_ptr<float>() : nullptr,
+                     present(delta_bias) ? dbias.data_ptr<float>() : nullptr};
+  q.ddt_low = ddt_low.data_ptr<float>();
+  q.ddt_w = ddt_w.data_ptr<float>();
+  ScanArgs<float> args = make_args<float>(u, dt_low, A, Bt, Ct, D, z, delta_bias, delta_softplus);
+  args.dt_w = dt_w.const_data_ptr<float>();
+  args.rank = R;
+  const GradStrides gs{strides_of(dy), strides_of(du), Strides{0, 0, 0},
+                       present(z) ? strides_of(dz) : Strides{0, 0, 0}};
+  scan_bwd_f32(args, reinterpret_cast<const vf*>(checkpoints.const_data_ptr<float>()),
+               dy.const_data_ptr<float>(), present(dlast) ? dlast->const_data_ptr<float>() : nullptr,
+               q, gs, groups);
+  // (B, L, R) memory seen as (B, R, L), like the channels-last dt_low the Mamba block passes.
+  return {du, ddt_low.select(0, 0).transpose(1, 2), ddt_w, dA, dBt.select(0, 0),
+          dCt.select(0, 0), dD, dz, dbias};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(torchrec_mamba_scan, m) {
@@ -401,9 +498,20 @@ TORCH_LIBRARY_FRAGMENT(torchrec_mamba_scan, m) {
       "selective_scan_bwd(Tensor u, Tensor delta, Tensor A, Tensor Bt, Tensor Ct, Tensor? D, "
       "Tensor? z, Tensor? delta_bias, bool delta_softplus, Tensor checkpoints, Tensor dy, "
       "Tensor? dlast) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "selective_scan_proj_fwd(Tensor u, Tensor dt_low, Tensor dt_w, Tensor A, Tensor Bt, "
+      "Tensor Ct, Tensor? D, Tensor? z, Tensor? delta_bias, bool delta_softplus, "
+      "bool save_checkpoints) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "selective_scan_proj_bwd(Tensor u, Tensor dt_low, Tensor dt_w, Tensor A, Tensor Bt, "
+      "Tensor Ct, Tensor? D, Tensor? z, Tensor? delta_bias, bool delta_softplus, "
+      "Tensor checkpoints, Tensor dy, Tensor? dlast) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(torchrec_mamba_scan, CPU, m) {
   m.impl("selective_scan_fwd", &selective_scan_fwd);
   m.impl("selective_scan_bwd", &selective_scan_bwd);
+  m.impl("selective_scan_proj_fwd", &selective_scan_proj_fwd);
+  m.impl("selective_scan_proj_bwd", &selective_scan_proj_bwd);
 }

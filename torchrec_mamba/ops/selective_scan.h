@@ -34,6 +34,10 @@ struct ScanArgs {
   bool softplus;
   int64_t batch, dim, len, nstate;
   Strides su, sdelta, sz;  // float: any layout (contiguous, or channels-last (B, L, D) memory)
+  // Low-rank time step (float only): with dt_w, delta is the (B, R, L) input of dt_proj and the
+  // kernel computes the time step dt_w @ delta (dt_w (D, R), contiguous) tile by tile.
+  const T* dt_w = nullptr;
+  int64_t rank = 0;
 };
 
 template <typename T>
@@ -46,6 +50,10 @@ struct ScanGrads {
   T* dD;      // (D,), zeroed, or nullptr
   T* dz;      // (B, D, L) or nullptr
   T* dbias;   // (D,), zeroed, or nullptr
+  // With ScanArgs::dt_w (ddelta is then unused): the gradients of the low-rank input and of
+  // dt_w.
+  T* ddt_low = nullptr;  // (G, B, L, R), zeroed
+  T* ddt_w = nullptr;    // (D, R), zeroed
 };
 
 // dt = softplus(delta + bias) (or delta + bias) over a row of n steps; dsp, when given, gets

@@ -58,6 +58,7 @@ def check_scan_args(
     D: Tensor | None,
     z: Tensor | None,
     delta_bias: Tensor | None,
+    delta_proj: Tensor | None = None,
 ) -> None:
     """Validate shapes, dtypes and devices of selective-scan arguments; raise a clear error.
 
@@ -70,13 +71,14 @@ def check_scan_args(
         D (Tensor, optional): (D,) skip connection.
         z (Tensor, optional): (B, D, L) gate.
         delta_bias (Tensor, optional): (D,) bias added to delta.
+        delta_proj (Tensor, optional): (D, R) dt_proj weight; delta is then (B, R, L).
 
     Raises:
         TypeError: a non-tensor argument or a non-floating / mismatched dtype.
         ValueError: a shape that does not fit, or tensors on different devices.
     """
     named = {"u": u, "delta": delta, "A": A, "B": B, "C": C}
-    optional = {"D": D, "z": z, "delta_bias": delta_bias}
+    optional = {"D": D, "z": z, "delta_bias": delta_bias, "delta_proj": delta_proj}
     for name, t in {**named, **optional}.items():
         if t is None and name in optional:
             continue
@@ -96,8 +98,15 @@ def check_scan_args(
     if A.dim() != 2 or A.shape[0] != dim:
         raise ValueError(f"selective_scan: A must be (D={dim}, N), got shape {tuple(A.shape)}")
     nstate = A.shape[1]
+    if delta_proj is not None and (delta_proj.dim() != 2 or delta_proj.shape[0] != dim
+                                   or delta_proj.shape[1] < 1):
+        raise ValueError(
+            f"selective_scan: delta_proj must be (D={dim}, R) with R >= 1, got shape "
+            f"{tuple(delta_proj.shape)}"
+        )
+    rank = None if delta_proj is None else delta_proj.shape[1]
     expected = {
-        "delta": (batch, dim, length),
+        "delta": (batch, dim if rank is None else rank, length),
         "B": (batch, nstate, length),
         "C": (batch, nstate, length),
         "z": (batch, dim, length),
@@ -108,7 +117,7 @@ def check_scan_args(
         t = named.get(name, optional.get(name))
         if t is not None and tuple(t.shape) != shape:
             letters = {
-                "delta": "(B, D, L)",
+                "delta": "(B, D, L)" if rank is None else "(B, R, L) with delta_proj (D, R)",
                 "B": "(B, N, L)",
                 "C": "(B, N, L)",
                 "z": "(B, D, L)",
@@ -127,7 +136,7 @@ def check_scan_args(
                 f"selective_scan: {name} has dtype {t.dtype} but u has {u.dtype}; "
                 "u, delta, B, C and z must share one dtype"
             )
-    for name in ("A", "D", "delta_bias"):
+    for name in ("A", "D", "delta_bias", "delta_proj"):
         t = named.get(name, optional.get(name))
         if t is not None and t.dtype not in (u.dtype, torch.float32):
             raise TypeError(
@@ -216,6 +225,7 @@ def selective_scan(
     delta_softplus: bool = ...,
     return_last_state: Literal[False] = ...,
     backend: str = ...,
+    delta_proj: Tensor | None = ...,
 ) -> Tensor: ...
 
 
@@ -233,6 +243,7 @@ def selective_scan(
     *,
     return_last_state: Literal[True],
     backend: str = ...,
+    delta_proj: Tensor | None = ...,
 ) -> tuple[Tensor, Tensor]: ...
 
 
@@ -248,6 +259,7 @@ def selective_scan(
     delta_softplus: bool = False,
     return_last_state: bool = False,
     backend: str = "auto",
+    delta_proj: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Selective scan with backend dispatch; same semantics as ``mamba_ssm.selective_scan_fn``.
 
@@ -263,6 +275,11 @@ def selective_scan(
         delta_softplus (bool): apply softplus to delta (after the bias). Default: False.
         return_last_state (bool): also return the state after the last step. Default: False.
         backend (str): "auto", "fused", "cpu", "chunked" or "reference". Default: "auto".
+        delta_proj (Tensor, optional): (D, R) weight of Mamba's ``dt_proj``. When given, delta
+            is its (B, R, L) low-rank input and the time step is ``delta_proj @ delta`` (before
+            ``delta_bias`` and softplus). The "cpu" backend fuses the product into the float32
+            kernel, so the (B, D, L) time step and its gradient are never stored; the other
+            backends (and float64) compute the product first. Default: None.
 
     Example::
 
@@ -276,8 +293,18 @@ def selective_scan(
         Tensor: y, (B, D, L), in u's dtype; with ``return_last_state``, also the last state
         (B, D, N) in the accumulate dtype (fp32, or fp64 for fp64 inputs).
     """
-    check_scan_args(u, delta, A, B, C, D, z, delta_bias)
+    check_scan_args(u, delta, A, B, C, D, z, delta_bias, delta_proj)
     choice = resolve_backend("selective_scan", backend, u.device)
+    if delta_proj is not None:
+        if choice == "cpu" and u.dtype == torch.float32:
+            from torchrec_mamba.ops import _scan_cpu
+
+            return _scan_cpu.selective_scan_proj(
+                u, delta, delta_proj, A, B, C, D, z, delta_bias, delta_softplus,
+                return_last_state,
+            )  # fmt: skip
+        # (B, R, L) -> (B, D, L) in channels-last memory, as a Mamba block's projections are.
+        delta = F.linear(delta.transpose(1, 2), delta_proj.to(delta.dtype)).transpose(1, 2)
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if choice == "reference":
         return selective_scan_ref(*args)

@@ -51,6 +51,28 @@ inline vf lane_vector(const float* __restrict src, int nc, int64_t stride, float
   return v;
 }
 
+// The raw time step of steps [t0, t0 + n) of channels [d0, d0 + kLanes) into dtv: a tile of
+// delta, or with p.dt_w the low-rank product dt_w @ delta (Wv: the R columns of dt_w for the
+// block's channels, zero past the last channel).
+inline void load_dt(const ScanArgs<float>& p, int64_t b, int64_t d0, int64_t t0, int64_t n, int nc,
+                    const vf* __restrict Wv, vf* __restrict dtv) {
+  if (!p.dt_w) {
+    load_tile(p.delta + p.sdelta.at(b, d0, t0), p.sdelta, n, nc, dtv);
+    return;
+  }
+  const float* __restrict x = p.delta + p.sdelta.at(b, 0, t0);
+  const int64_t st = p.sdelta.t, sr = p.sdelta.d, R = p.rank;
+  for (int64_t i = 0; i < n; ++i) {
+    vf acc{};
+    for (int64_t r = 0; r < R; ++r) acc += Wv[r] * x[i * st + r * sr];
+    dtv[i] = acc;
+  }
+}
+
+inline void load_dt_weights(const ScanArgs<float>& p, int64_t d0, int nc, vf* __restrict Wv) {
+  for (int64_t r = 0; r < p.rank; ++r) Wv[r] = lane_vector(p.dt_w + d0 * p.rank + r, nc, p.rank, 0.0f);
+}
+
 // dt tile in place: dt = softplus(delta + bias), or delta + bias; optionally its derivative.
 inline void dt_tile(vf* __restrict dtv, vf* __restrict dspv, int64_t L, vf bias, bool sp) {
   float* __restrict f = reinterpret_cast<float*>(dtv);
@@ -86,7 +108,7 @@ void scan_fwd_f32(const ScanArgs<float>& p, float* __restrict y, const Strides& 
   const int64_t nblk = num_blocks(Dm);
   const int64_t items = p.batch * nblk;
   const int nt = num_threads_for(items);
-  const int64_t per_thread = 4 * L + 2 * N;  // in vectors
+  const int64_t per_thread = 4 * L + 2 * N + p.rank;  // in vectors
   std::vector<vf> scratch(static_cast<size_t>(nt * per_thread));
 #pragma omp parallel num_threads(nt)
   {
@@ -96,12 +118,14 @@ void scan_fwd_f32(const ScanArgs<float>& p, float* __restrict y, const Strides& 
     vf* __restrict zv = accv + L;                                     // (L,) z
     vf* __restrict h = zv + L;                                        // (N,) state
     vf* __restrict Av = h + N;                                        // (N,) A
+    vf* __restrict Wv = Av + N;                                       // (R,) dt_w columns
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t b = item / nblk, d0 = (item % nblk) * kLanes;
       const int nc = static_cast<int>(std::min<int64_t>(kLanes, Dm - d0));
       load_tile(p.u + p.su.at(b, d0, 0), p.su, L, nc, uv);
-      load_tile(p.delta + p.sdelta.at(b, d0, 0), p.sdelta, L, nc, dtv);
+      if (p.dt_w) load_dt_weights(p, d0, nc, Wv);
+      load_dt(p, b, d0, 0, L, nc, Wv, dtv);
       const vf bias = p.bias ? lane_vector(p.bias + d0, nc, 1, 0.0f) : vf{};
       dt_tile(dtv, nullptr, L, bias, p.softplus);
       for (int64_t n = 0; n < N; ++n) Av[n] = lane_vector(p.A + d0 * N + n, nc, N, 0.0f);
@@ -141,15 +165,19 @@ struct VecScratch {
   vf *dtv, *dspv, *uv, *zv, *sigv, *outsv, *dyv, *duv, *ddv, *dzv;  // (kChunk,)
   vf* Av;                                                      // (N,)
   vf *carry, *dA, *dD, *db;  // (blocks, N), (blocks, N), (blocks,), (blocks,)
-  static int64_t size(int64_t N, int64_t blocks) {
-    return 4 * kChunk * N + 10 * kChunk + N + blocks * (2 * N + 2);
+  // Low-rank time step only (R = rank, else empty): the block's dt_w columns, the chunk's
+  // lane partial sums of d dt_low, and per block of the group the d dt_w partial sums.
+  vf *Wv, *ddl, *dW;  // (R,), (kChunk, R), (blocks, R)
+  static int64_t size(int64_t N, int64_t blocks, int64_t R) {
+    return 4 * kChunk * N + 10 * kChunk + N + blocks * (2 * N + 2) + R * (1 + kChunk + blocks);
   }
-  VecScratch(vf* s, int64_t N, int64_t blocks) {
+  VecScratch(vf* s, int64_t N, int64_t blocks, int64_t R) {
     H = s, E = H + kChunk * N, dBv = E + kChunk * N, dCv = dBv + kChunk * N;
     dtv = dCv + kChunk * N, dspv = dtv + kChunk, uv = dspv + kChunk, zv = uv + kChunk;
     sigv = zv + kChunk, outsv = sigv + kChunk, dyv = outsv + kChunk, duv = dyv + kChunk;
     ddv = duv + kChunk, dzv = ddv + kChunk, Av = dzv + kChunk;
     carry = Av + N, dA = carry + blocks * N, dD = dA + blocks * N, db = dD + blocks;
+    Wv = db + blocks, ddl = Wv + R, dW = ddl + kChunk * R;
   }
 };
 
@@ -215,13 +243,16 @@ void scan_bwd_f32(const ScanArgs<float>& p, const vf* ckpt, const float* dy, con
   std::vector<float> acc_dA(static_cast<size_t>(nt) * Dm * N, 0.0f);
   std::vector<float> acc_dD(static_cast<size_t>(nt) * Dm, 0.0f);
   std::vector<float> acc_dbias(static_cast<size_t>(nt) * Dm, 0.0f);
-  const int64_t per_thread = VecScratch::size(N, max_blocks);
+  const int64_t R = p.dt_w ? p.rank : 0;
+  std::vector<float> acc_dW(static_cast<size_t>(nt) * Dm * R, 0.0f);
+  const int64_t per_thread = VecScratch::size(N, max_blocks, R);
   std::vector<vf> scratch(static_cast<size_t>(nt * per_thread));
 #pragma omp parallel num_threads(nt)
   {
     const int tid = thread_id();
-    VecScratch s(scratch.data() + tid * per_thread, N, max_blocks);
+    VecScratch s(scratch.data() + tid * per_thread, N, max_blocks, R);
     float* my_dA = acc_dA.data() + static_cast<size_t>(tid) * Dm * N;
+    float* my_dW = acc_dW.data() + static_cast<size_t>(tid) * Dm * R;
     float* my_dD = acc_dD.data() + static_cast<size_t>(tid) * Dm;
     float* my_dbias = acc_dbias.data() + static_cast<size_t>(tid) * Dm;
 #pragma omp for schedule(dynamic, 1)
@@ -230,6 +261,7 @@ void scan_bwd_f32(const ScanArgs<float>& p, const vf* ckpt, const float* dy, con
       const int64_t k0 = grp * nblk / groups, k1 = (grp + 1) * nblk / groups;
       float* __restrict dBt = q.dBt + (grp * Bm + b) * L * N;
       float* __restrict dCt = q.dCt + (grp * Bm + b) * L * N;
+      float* __restrict ddlt = R ? q.ddt_low + (grp * Bm + b) * L * R : nullptr;
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t j = k - k0, d0 = k * kLanes;
         const int nc = static_cast<int>(std::min<int64_t>(kLanes, Dm - d0));
@@ -239,6 +271,7 @@ void scan_bwd_f32(const ScanArgs<float>& p, const vf* ckpt, const float* dy, con
         }
         s.dD[j] = vf{};
         s.db[j] = vf{};
+        for (int64_t r = 0; r < R; ++r) s.dW[j * R + r] = vf{};
       }
       for (int64_t c = nck - 1; c >= 0; --c) {
         const int64_t t0 = c * kChunk, n_t = std::min(kChunk, L - t0);
@@ -246,11 +279,13 @@ void scan_bwd_f32(const ScanArgs<float>& p, const vf* ckpt, const float* dy, con
         const float* __restrict Ct = p.Ct + (b * L + t0) * N;
         std::fill(s.dBv, s.dBv + n_t * N, vf{});
         std::fill(s.dCv, s.dCv + n_t * N, vf{});
+        if (R) std::fill(s.ddl, s.ddl + n_t * R, vf{});
         for (int64_t k = k0; k < k1; ++k) {
           const int64_t j = k - k0, d0 = k * kLanes;
           const int nc = static_cast<int>(std::min<int64_t>(kLanes, Dm - d0));
           load_tile(p.u + p.su.at(b, d0, t0), p.su, n_t, nc, s.uv);
-          load_tile(p.delta + p.sdelta.at(b, d0, t0), p.sdelta, n_t, nc, s.dtv);
+          if (R) load_dt_weights(p, d0, nc, s.Wv);
+          load_dt(p, b, d0, t0, n_t, nc, s.Wv, s.dtv);
           load_tile(dy + gs.dy.at(b, d0, t0), gs.dy, n_t, nc, s.dyv);
           const vf bias = p.bias ? lane_vector(p.bias + d0, nc, 1, 0.0f) : vf{};
           dt_tile(s.dtv, s.dspv, n_t, bias, p.softplus);
@@ -273,12 +308,28 @@ void scan_bwd_f32(const ScanArgs<float>& p, const vf* ckpt, const float* dy, con
           reverse_chunk_f32(s, n_t, N, h0, skip, p.z != nullptr, p.softplus, Bt, Ct,
                             s.carry + j * N, s.dA + j * N, s.dD[j], s.db[j]);
           store_tile(s.duv, gs.du, n_t, nc, q.du + gs.du.at(b, d0, t0));
-          store_tile(s.ddv, gs.ddelta, n_t, nc, q.ddelta + gs.ddelta.at(b, d0, t0));
+          if (R) {
+            // d dt_w[d, r] += sum_t g[d, t] dt_low[r, t]; d dt_low[r, t] += sum_d g[d, t] dt_w[d, r]
+            // (lane partial sums, over the blocks of the group; g is zero in padding lanes).
+            const float* __restrict x = p.delta + p.sdelta.at(b, 0, t0);
+            const int64_t st = p.sdelta.t, sr = p.sdelta.d;
+            vf* __restrict dWj = s.dW + j * R;
+            for (int64_t i = 0; i < n_t; ++i) {
+              const vf g = s.ddv[i];
+              for (int64_t r = 0; r < R; ++r) {
+                dWj[r] += g * x[i * st + r * sr];
+                s.ddl[i * R + r] += g * s.Wv[r];
+              }
+            }
+          } else {
+            store_tile(s.ddv, gs.ddelta, n_t, nc, q.ddelta + gs.ddelta.at(b, d0, t0));
+          }
           if (p.z) store_tile(s.dzv, gs.dz, n_t, nc, q.dz + gs.dz.at(b, d0, t0));
         }
         // The chunk's channel-lane partial sums of dB and dC -> this (group, b)'s slab.
         vsum_many(s.dBv, n_t * N, dBt + t0 * N);
         vsum_many(s.dCv, n_t * N, dCt + t0 * N);
+        if (R) vsum_many(s.ddl, n_t * R, ddlt + t0 * R);
       }
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t j = k - k0, d0 = k * kLanes;
@@ -287,11 +338,22 @@ void scan_bwd_f32(const ScanArgs<float>& p, const vf* ckpt, const float* dy, con
           for (int64_t n = 0; n < N; ++n) my_dA[(d0 + c) * N + n] += s.dA[j * N + n][c];
           my_dD[d0 + c] += s.dD[j][c];
           my_dbias[d0 + c] += s.db[j][c];
+          for (int64_t r = 0; r < R; ++r) my_dW[(d0 + c) * R + r] += s.dW[j * R + r][c];
         }
       }
     }
   }
   reduce_partials(q, acc_dA, acc_dD, acc_dbias, nt, Dm, N, Bm * L * N, groups);
+  if (R) {
+    for (int i = 0; i < nt; ++i) {
+      const float* src = acc_dW.data() + static_cast<size_t>(i) * Dm * R;
+      for (int64_t k = 0; k < Dm * R; ++k) q.ddt_w[k] += src[k];
+    }
+    const int64_t slab = Bm * L * R;
+    for (int64_t grp = 1; grp < groups; ++grp) {
+      for (int64_t k = 0; k < slab; ++k) q.ddt_low[k] += q.ddt_low[grp * slab + k];
+    }
+  }
 }
 
 }  // namespace torchrec_mamba_cpu
