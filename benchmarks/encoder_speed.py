@@ -178,7 +178,9 @@ def profile_ops(model: torch.nn.Module, once: Any) -> list[dict[str, Any]]:
 def scan_bwd_over_fwd(profile: list[dict[str, Any]]) -> float:
     """The selective-scan kernel's backward / forward self time in one profile (nan if absent)."""
     times = {p["op"].rsplit("::", 1)[-1]: p["self_ms"] for p in profile}
-    fwd, bwd = times.get("selective_scan_fwd"), times.get("selective_scan_bwd")
+    # the Mamba block runs the dt_proj-fused variant on the CPU kernel; the plain one elsewhere
+    fwd = times.get("selective_scan_proj_fwd", times.get("selective_scan_fwd"))
+    bwd = times.get("selective_scan_proj_bwd", times.get("selective_scan_bwd"))
     return bwd / fwd if fwd and bwd else float("nan")
 
 

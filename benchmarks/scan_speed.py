@@ -224,33 +224,46 @@ def kernel_cpu_time(shapes: list[Shape], repeats: int) -> list[dict[str, Any]]:
             bt = t["B"].transpose(1, 2).contiguous()  # (B, L, N)
             ct = t["C"].transpose(1, 2).contiguous()  # (B, L, N)
             dy = torch.randn_like(t["u"])  # (B, D, L)
-            args = (t["u"], t["delta"], t["A"], bt, ct, t["D"], t["z"], t["delta_bias"], True)
-            ckpt = ops.selective_scan_fwd(*args, True)[2]  # warm-up; state checkpoints
-            ops.selective_scan_bwd(*args, ckpt, dy, None)
-            fwd, bwd = [], []
-            for _ in range(repeats):
-                start = time.process_time()
-                ckpt = ops.selective_scan_fwd(*args, True)[2]
-                mid = time.process_time()
-                ops.selective_scan_bwd(*args, ckpt, dy, None)
-                fwd.append(mid - start)
-                bwd.append(time.process_time() - mid)
+            rest = (t["A"], bt, ct, t["D"], t["z"], t["delta_bias"], True)
+            # The Mamba block's variant: dt_proj (rank 4, its d_model = 64 default) fused in.
+            rank = 4
+            dt_low = torch.randn(shape.batch, shape.length, rank).transpose(1, 2)  # (B, R, L)
+            dt_w = torch.randn(shape.dim, rank) * 0.5  # (D, R)
+            variants = {
+                "": (ops.selective_scan_fwd, ops.selective_scan_bwd, (t["u"], t["delta"], *rest)),
+                " dt_proj fused": (ops.selective_scan_proj_fwd, ops.selective_scan_proj_bwd,
+                                   (t["u"], dt_low, dt_w, *rest)),
+            }  # fmt: skip
+            timings = {}
+            for label, (fwd_op, bwd_op, args) in variants.items():
+                ckpt = fwd_op(*args, True)[2]  # warm-up; state checkpoints
+                bwd_op(*args, ckpt, dy, None)
+                fwd, bwd = [], []
+                for _ in range(repeats):
+                    start = time.process_time()
+                    ckpt = fwd_op(*args, True)[2]
+                    mid = time.process_time()
+                    bwd_op(*args, ckpt, dy, None)
+                    fwd.append(mid - start)
+                    bwd.append(time.process_time() - mid)
+                timings[label] = (fwd, bwd)
         updates = shape.size()
-        row = {
-            "shape": f"{shape.batch},{shape.dim},{shape.length},{shape.nstate}",
-            "fwd_ms": statistics.median(fwd) * 1e3,
-            "bwd_ms": statistics.median(bwd) * 1e3,
-            "fwd_ns_per_update": statistics.median(fwd) / updates * 1e9,
-            "bwd_ns_per_update": statistics.median(bwd) / updates * 1e9,
-            "bwd_over_fwd": statistics.median(bwd) / statistics.median(fwd),
-            "isa": _scan_cpu._arch_flags()[0],
-        }
-        print(
-            f"[kernel] {row['shape']} ({row['isa']}): fwd {row['fwd_ms']:.1f} ms "
-            f"({row['fwd_ns_per_update']:.2f} ns/update), bwd {row['bwd_ms']:.1f} ms "
-            f"({row['bwd_ns_per_update']:.2f} ns/update), bwd/fwd {row['bwd_over_fwd']:.2f}"
-        )
-        rows.append(row)
+        for label, (fwd, bwd) in timings.items():
+            row = {
+                "shape": f"{shape.batch},{shape.dim},{shape.length},{shape.nstate}{label}",
+                "fwd_ms": statistics.median(fwd) * 1e3,
+                "bwd_ms": statistics.median(bwd) * 1e3,
+                "fwd_ns_per_update": statistics.median(fwd) / updates * 1e9,
+                "bwd_ns_per_update": statistics.median(bwd) / updates * 1e9,
+                "bwd_over_fwd": statistics.median(bwd) / statistics.median(fwd),
+                "isa": _scan_cpu._arch_flags()[0],
+            }
+            print(
+                f"[kernel] {row['shape']} ({row['isa']}): fwd {row['fwd_ms']:.1f} ms "
+                f"({row['fwd_ns_per_update']:.2f} ns/update), bwd {row['bwd_ms']:.1f} ms "
+                f"({row['bwd_ns_per_update']:.2f} ns/update), bwd/fwd {row['bwd_over_fwd']:.2f}"
+            )
+            rows.append(row)
     return rows
 
 
