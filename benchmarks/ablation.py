@@ -50,6 +50,9 @@ FACTORS: dict[str, list[str]] = {
     "weight_decay0.1": ["--weight-decay", "0.1"],
     "adagrad_tables": ["--embedding-optimizer", "adagrad"],
     "last_position_loss": ["--loss-positions", "last"],
+    "lr_cosine": ["--lr-schedule", "cosine"],
+    "emb_weight_decay1e-5": ["--embedding-weight-decay", "1e-5"],
+    "plain_lr_batch": ["--lr", "1e-3", "--batch-size", "256"],
 }
 
 

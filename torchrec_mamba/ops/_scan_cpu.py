@@ -198,13 +198,18 @@ def kernel_ops() -> Any:
 
 
 class _SelectiveScanCPU(torch.autograd.Function):
-    """Autograd wrapper: the C++ forward, and the C++ backward that recomputes the states."""
+    """Autograd wrapper: the C++ forward, and the C++ backward that recomputes the states.
+
+    With ``dt_w`` (float32 only) ``delta`` is the (B, R, L) input of dt_proj and the kernels
+    form the time step ``dt_w @ delta`` tile by tile (the ``selective_scan_proj_*`` ops).
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
         u: Tensor,  # (B, D, L)
-        delta: Tensor,  # (B, D, L)
+        delta: Tensor,  # (B, D, L), or (B, R, L) with dt_w
+        dt_w: Tensor | None,  # (D, R)
         A: Tensor,  # (D, N)
         Bt: Tensor,  # (B, L, N)
         Ct: Tensor,  # (B, L, N)
@@ -215,10 +220,13 @@ class _SelectiveScanCPU(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         ops = _LOADER.get()
         grad = any(ctx.needs_input_grad)
-        y, last, ckpt = ops.selective_scan_fwd(
-            u, delta, A, Bt, Ct, D, z, delta_bias, delta_softplus, grad
-        )  # ckpt: the state every 64 steps, for the backward's recompute
-        ctx.save_for_backward(u, delta, A, Bt, Ct, D, z, delta_bias, ckpt)
+        rest = (A, Bt, Ct, D, z, delta_bias, delta_softplus, grad)
+        # ckpt: the state every 64 steps, for the backward's recompute
+        if dt_w is None:
+            y, last, ckpt = ops.selective_scan_fwd(u, delta, *rest)
+        else:
+            y, last, ckpt = ops.selective_scan_proj_fwd(u, delta, dt_w, *rest)
+        ctx.save_for_backward(u, delta, dt_w, A, Bt, Ct, D, z, delta_bias, ckpt)
         ctx.delta_softplus = delta_softplus
         ctx.set_materialize_grads(False)
         return y, last  # (B, D, L), (B, D, N)
@@ -228,7 +236,7 @@ class _SelectiveScanCPU(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, dy: Tensor | None, dlast: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        u, delta, A, Bt, Ct, D, z, delta_bias, ckpt = ctx.saved_tensors
+        u, delta, dt_w, A, Bt, Ct, D, z, delta_bias, ckpt = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(u)
         dy = dy.to(u.dtype)  # (B, D, L); float reads any layout, double needs contiguous
@@ -237,67 +245,18 @@ class _SelectiveScanCPU(torch.autograd.Function):
         if dlast is not None:
             dlast = dlast.to(u.dtype).contiguous()  # (B, D, N)
         ops = _LOADER.get()
-        du, ddelta, dA, dBt, dCt, dD, dz, dbias = ops.selective_scan_bwd(
-            u, delta, A, Bt, Ct, D, z, delta_bias, ctx.delta_softplus, ckpt, dy, dlast
-        )
+        rest = (A, Bt, Ct, D, z, delta_bias, ctx.delta_softplus, ckpt, dy, dlast)
+        ddt_w = None
+        if dt_w is None:
+            du, ddelta, dA, dBt, dCt, dD, dz, dbias = ops.selective_scan_bwd(u, delta, *rest)
+        else:
+            du, ddelta, ddt_w, dA, dBt, dCt, dD, dz, dbias = ops.selective_scan_proj_bwd(
+                u, delta, dt_w, *rest
+            )
         need = ctx.needs_input_grad
         return (
             du if need[0] else None,
             ddelta if need[1] else None,
-            dA if need[2] else None,
-            dBt if need[3] else None,
-            dCt if need[4] else None,
-            dD if D is not None and need[5] else None,
-            dz if z is not None and need[6] else None,
-            dbias if delta_bias is not None and need[7] else None,
-            None,
-        )
-
-
-class _SelectiveScanProjCPU(torch.autograd.Function):
-    """Autograd wrapper of the float32 scan with dt_proj fused in (time step = dt_w @ dt_low)."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        u: Tensor,  # (B, D, L)
-        dt_low: Tensor,  # (B, R, L)
-        dt_w: Tensor,  # (D, R)
-        A: Tensor,  # (D, N)
-        Bt: Tensor,  # (B, L, N)
-        Ct: Tensor,  # (B, L, N)
-        D: Tensor | None,  # (D,)
-        z: Tensor | None,  # (B, D, L)
-        delta_bias: Tensor | None,  # (D,)
-        delta_softplus: bool,
-    ) -> tuple[Tensor, Tensor]:
-        ops = _LOADER.get()
-        grad = any(ctx.needs_input_grad)
-        y, last, ckpt = ops.selective_scan_proj_fwd(
-            u, dt_low, dt_w, A, Bt, Ct, D, z, delta_bias, delta_softplus, grad
-        )
-        ctx.save_for_backward(u, dt_low, dt_w, A, Bt, Ct, D, z, delta_bias, ckpt)
-        ctx.delta_softplus = delta_softplus
-        ctx.set_materialize_grads(False)
-        return y, last  # (B, D, L), (B, D, N)
-
-    @staticmethod
-    @once_differentiable
-    def backward(  # type: ignore[override]
-        ctx: Any, dy: Tensor | None, dlast: Tensor | None
-    ) -> tuple[Tensor | None, ...]:
-        u, dt_low, dt_w, A, Bt, Ct, D, z, delta_bias, ckpt = ctx.saved_tensors
-        dy = torch.zeros_like(u) if dy is None else dy.to(u.dtype)
-        if dlast is not None:
-            dlast = dlast.to(u.dtype).contiguous()
-        ops = _LOADER.get()
-        du, ddt_low, ddt_w, dA, dBt, dCt, dD, dz, dbias = ops.selective_scan_proj_bwd(
-            u, dt_low, dt_w, A, Bt, Ct, D, z, delta_bias, ctx.delta_softplus, ckpt, dy, dlast
-        )
-        need = ctx.needs_input_grad
-        return (
-            du if need[0] else None,
-            ddt_low if need[1] else None,
             ddt_w if need[2] else None,
             dA if need[3] else None,
             dBt if need[4] else None,
@@ -307,48 +266,6 @@ class _SelectiveScanProjCPU(torch.autograd.Function):
             dbias if delta_bias is not None and need[8] else None,
             None,
         )
-
-
-def selective_scan_proj(
-    u: Tensor,
-    dt_low: Tensor,
-    dt_w: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None,
-    z: Tensor | None,
-    delta_bias: Tensor | None,
-    delta_softplus: bool,
-    return_last_state: bool,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """The float32 scan with dt_proj fused: the time step is ``dt_w @ dt_low`` per channel.
-
-    Same result as :func:`selective_scan` with ``delta = dt_w @ dt_low`` ((B, D, L)), without
-    that tensor or its gradient ever being written: the kernel forms each tile of it from the
-    (B, R, L) ``dt_low`` (any layout) and accumulates the gradients of ``dt_low`` and ``dt_w``.
-    u must be float32 (the caller composes the product for other dtypes); activations are read
-    in their own layout, as by :func:`selective_scan`.
-
-    Raises:
-        RuntimeError: the kernel failed to build (see :func:`build_error`).
-    """
-    if not is_available():
-        raise RuntimeError(f"selective_scan: the C++ CPU kernel is unavailable: {build_error()}")
-    if u.dtype != torch.float32:
-        raise TypeError(f"selective_scan_proj: needs float32 activations, got {u.dtype}")
-    f32 = torch.float32
-
-    def prep(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.to(f32).contiguous()
-
-    Bt = B.to(f32).transpose(1, 2).contiguous()  # (B, L, N)
-    Ct = C.to(f32).transpose(1, 2).contiguous()  # (B, L, N)
-    y, last = _SelectiveScanProjCPU.apply(
-        u, dt_low.to(f32), prep(dt_w), prep(A), Bt, Ct, prep(D), z, prep(delta_bias),
-        delta_softplus,
-    )  # fmt: skip
-    return (y, last) if return_last_state else y
 
 
 def selective_scan(
@@ -362,6 +279,7 @@ def selective_scan(
     delta_bias: Tensor | None,
     delta_softplus: bool,
     return_last_state: bool,
+    delta_proj: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Selective scan on the compiled CPU kernel; arguments as in :func:`selective_scan`.
 
@@ -371,9 +289,14 @@ def selective_scan(
     B and C are transposed to contiguous (B, L, N); autograd casts each gradient back to its
     input's dtype.
 
+    With ``delta_proj`` (float32 only; the dispatcher composes the product for other dtypes),
+    the time step is ``delta_proj @ delta`` for the (B, R, L) ``delta``, formed by the kernel
+    tile by tile: neither that (B, D, L) product nor its gradient is ever written.
+
     Args:
         u (Tensor): (B, D, L) input.
-        delta (Tensor): (B, D, L) time step before ``delta_bias`` and softplus.
+        delta (Tensor): (B, D, L) time step before ``delta_bias`` and softplus; (B, R, L) with
+            ``delta_proj``.
         A (Tensor): (D, N) state matrix.
         B (Tensor): (B, N, L) input matrix.
         C (Tensor): (B, N, L) output matrix.
@@ -382,6 +305,7 @@ def selective_scan(
         delta_bias (Tensor, optional): (D,) added to delta.
         delta_softplus (bool): apply softplus to delta (after the bias).
         return_last_state (bool): also return the state after the last step.
+        delta_proj (Tensor, optional): (D, R) dt_proj weight. Default: None.
 
     Example::
 
@@ -398,10 +322,13 @@ def selective_scan(
 
     Raises:
         RuntimeError: the kernel failed to build (see :func:`build_error`).
+        TypeError: ``delta_proj`` with activations that are not float32.
     """
     if not is_available():
         raise RuntimeError(f"selective_scan: the C++ CPU kernel is unavailable: {build_error()}")
     acc = accumulate_dtype(u.dtype)
+    if delta_proj is not None and u.dtype != torch.float32:
+        raise TypeError(f"selective_scan (cpu): delta_proj needs float32 activations, got {u.dtype}")
 
     def prep(t: Tensor | None) -> Tensor | None:
         return None if t is None else t.to(acc).contiguous()
@@ -418,6 +345,7 @@ def selective_scan(
     y, last = _SelectiveScanCPU.apply(
         prep_activation(u),
         prep_activation(delta),
+        prep(delta_proj),
         prep(A),
         Bt,
         Ct,

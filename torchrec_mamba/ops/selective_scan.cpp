@@ -298,13 +298,43 @@ int64_t checkpoint_numel(const at::Tensor& u, int64_t N) {
   return Bm * num_blocks(Dm) * nck * N * kLanes;
 }
 
+// dt_proj fused in (float32 only): with dt_w (D, R), delta is the (B, R, L) input of dt_proj in
+// any layout and the time step is dt_w @ delta, formed per tile by the kernels, so the (B, D, L)
+// time step and its gradient never exist in memory. Returns R (0 without dt_w).
+int64_t check_proj(const at::Tensor& u, const std::optional<at::Tensor>& dt_w) {
+  if (!present(dt_w)) return 0;
+  TORCH_CHECK(u.scalar_type() == at::kFloat,
+              "selective_scan_proj_cpu: needs float32 tensors, got ", u.scalar_type());
+  TORCH_CHECK(dt_w->dim() == 2 && dt_w->size(0) == u.size(1) && dt_w->size(1) >= 1 &&
+                  dt_w->is_contiguous() && dt_w->scalar_type() == at::kFloat &&
+                  dt_w->device().is_cpu(),
+              "selective_scan_proj_cpu: dt_w must be a contiguous float32 (D, R) CPU tensor, got ",
+              dt_w->sizes());
+  return dt_w->size(1);
+}
+
+template <typename T>
+ScanArgs<T> make_args_proj(const at::Tensor& u, const at::Tensor& delta,
+                           const std::optional<at::Tensor>& dt_w, const at::Tensor& A,
+                           const at::Tensor& Bt, const at::Tensor& Ct,
+                           const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                           const std::optional<at::Tensor>& delta_bias, bool delta_softplus) {
+  ScanArgs<T> args = make_args<T>(u, delta, A, Bt, Ct, D, z, delta_bias, delta_softplus);
+  if (present(dt_w)) {
+    args.dt_w = dt_w->const_data_ptr<T>();
+    args.rank = dt_w->size(1);
+  }
+  return args;
+}
+
 // Returns y (B, D, L), the last state (B, D, N), both in u's dtype, and the state checkpoints
 // for the backward (empty unless save_checkpoints).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd(
-    const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& Bt,
-    const at::Tensor& Ct, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_fwd_impl(
+    const at::Tensor& u, const at::Tensor& delta, const std::optional<at::Tensor>& dt_w,
+    const at::Tensor& A, const at::Tensor& Bt, const at::Tensor& Ct,
+    const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
     const std::optional<at::Tensor>& delta_bias, bool delta_softplus, bool save_checkpoints) {
-  check_args(u, delta, A, Bt, Ct, D, z, delta_bias);
+  check_args(u, delta, A, Bt, Ct, D, z, delta_bias, check_proj(u, dt_w));
   at::Tensor y = empty_like_layout(u);
   at::Tensor last = at::empty({u.size(0), u.size(1), A.size(1)}, u.options());
   at::Tensor ckpt = at::empty({save_checkpoints ? checkpoint_numel(u, A.size(1)) : 0}, u.options());
@@ -313,23 +343,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd(
                      y.data_ptr<double>(), last.data_ptr<double>(),
                      save_checkpoints ? ckpt.data_ptr<double>() : nullptr);
   } else {
-    scan_fwd_f32(make_args<float>(u, delta, A, Bt, Ct, D, z, delta_bias, delta_softplus),
+    scan_fwd_f32(make_args_proj<float>(u, delta, dt_w, A, Bt, Ct, D, z, delta_bias, delta_softplus),
                  y.data_ptr<float>(), strides_of(y), last.data_ptr<float>(),
                  save_checkpoints ? reinterpret_cast<vf*>(ckpt.data_ptr<float>()) : nullptr);
   }
   return {y, last, ckpt};
 }
 
-// Returns du, ddelta, dA, dBt, dCt, dD, dz, ddelta_bias; the last three are empty (size 0)
-// when D, z or delta_bias is absent. checkpoints: from selective_scan_fwd(save_checkpoints).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-           at::Tensor>
-selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
-                   const at::Tensor& Bt, const at::Tensor& Ct, const std::optional<at::Tensor>& D,
-                   const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
-                   bool delta_softplus, const at::Tensor& checkpoints, const at::Tensor& dy,
-                   const std::optional<at::Tensor>& dlast) {
-  check_args(u, delta, A, Bt, Ct, D, z, delta_bias);
+using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                             at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Returns du, ddelta, d dt_w, dA, dBt, dCt, dD, dz, ddelta_bias. d dt_w, dD, dz and d bias are
+// empty (size 0) when dt_w, D, z or delta_bias is absent; with dt_w, ddelta is the gradient of
+// the (B, R, L) input, in channels-last memory. checkpoints: from the forward with
+// save_checkpoints=True.
+BwdResult scan_bwd_impl(const at::Tensor& u, const at::Tensor& delta,
+                        const std::optional<at::Tensor>& dt_w, const at::Tensor& A,
+                        const at::Tensor& Bt, const at::Tensor& Ct,
+                        const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                        const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
+                        const at::Tensor& checkpoints, const at::Tensor& dy,
+                        const std::optional<at::Tensor>& dlast) {
+  const int64_t R = check_proj(u, dt_w);
+  check_args(u, delta, A, Bt, Ct, D, z, delta_bias, R);
   const int64_t Bm = u.size(0), Dm = u.size(1), L = u.size(2), N = A.size(1);
   TORCH_CHECK(dy.sizes() == u.sizes() && dy.scalar_type() == u.scalar_type() &&
                   (dy.is_contiguous() || u.scalar_type() == at::kFloat),
@@ -355,7 +391,9 @@ selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
                                                    std::max<int64_t>(units, 1));
   const auto opts = u.options();
   at::Tensor du = empty_like_layout(u);
-  at::Tensor ddelta = empty_like_layout(delta);
+  // With dt_w: the low-rank gradient's per-group lane sums (B, L, R) each, folded into group 0.
+  at::Tensor ddelta = R ? at::zeros({groups, Bm, L, R}, opts) : empty_like_layout(delta);
+  at::Tensor ddt_w = at::zeros({R ? Dm : 0, R}, opts);
   at::Tensor dA = at::zeros({Dm, N}, opts);
   at::Tensor dBt = at::zeros({groups, Bm, L, N}, opts);
   at::Tensor dCt = at::zeros({groups, Bm, L, N}, opts);
@@ -365,23 +403,30 @@ selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
   auto run = [&](auto tag) {
     using T = decltype(tag);
     ScanGrads<T> q{du.data_ptr<T>(),
-                   ddelta.data_ptr<T>(),
+                   R ? nullptr : ddelta.data_ptr<T>(),
                    dA.data_ptr<T>(),
                    dBt.data_ptr<T>(),
                    dCt.data_ptr<T>(),
                    present(D) ? dD.data_ptr<T>() : nullptr,
                    present(z) ? dz.data_ptr<T>() : nullptr,
                    present(delta_bias) ? dbias.data_ptr<T>() : nullptr};
-    const ScanArgs<T> args = make_args<T>(u, delta, A, Bt, Ct, D, z, delta_bias, delta_softplus);
     const T* dlast_ptr = present(dlast) ? dlast->const_data_ptr<T>() : nullptr;
     const T* ck = checkpoints.const_data_ptr<T>();
     if constexpr (std::is_same_v<T, float>) {
-      const GradStrides gs{strides_of(dy), strides_of(du), strides_of(ddelta),
+      if (R) {
+        q.ddt_low = ddelta.data_ptr<float>();
+        q.ddt_w = ddt_w.data_ptr<float>();
+      }
+      const GradStrides gs{strides_of(dy), strides_of(du),
+                           R ? Strides{0, 0, 0} : strides_of(ddelta),
                            present(z) ? strides_of(dz) : Strides{0, 0, 0}};
-      scan_bwd_f32(args, reinterpret_cast<const vf*>(ck), dy.const_data_ptr<T>(), dlast_ptr, q, gs,
+      scan_bwd_f32(make_args_proj<float>(u, delta, dt_w, A, Bt, Ct, D, z, delta_bias,
+                                         delta_softplus),
+                   reinterpret_cast<const vf*>(ck), dy.const_data_ptr<T>(), dlast_ptr, q, gs,
                    groups);
     } else {
-      scan_bwd<T>(args, ck, dy.const_data_ptr<T>(), dlast_ptr, q, groups);
+      scan_bwd<T>(make_args<T>(u, delta, A, Bt, Ct, D, z, delta_bias, delta_softplus), ck,
+                  dy.const_data_ptr<T>(), dlast_ptr, q, groups);
     }
   };
   if (u.scalar_type() == at::kDouble) {
@@ -389,21 +434,17 @@ selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
   } else {
     run(float{});
   }
-  return {du, ddelta, dA, dBt.select(0, 0), dCt.select(0, 0), dD, dz, dbias};
+  // With dt_w: (B, L, R) memory seen as (B, R, L), like the channels-last input the block passes.
+  if (R) ddelta = ddelta.select(0, 0).transpose(1, 2);
+  return {du, ddelta, ddt_w, dA, dBt.select(0, 0), dCt.select(0, 0), dD, dz, dbias};
 }
 
-// The scan with dt_proj fused in (float32): the time step is dt_w @ dt_low, computed per tile,
-// so the (B, D, L) time step and its gradient never exist in memory. dt_low (B, R, L) in any
-// layout, dt_w (D, R).
-void check_proj(const at::Tensor& u, const at::Tensor& dt_low, const at::Tensor& dt_w) {
-  TORCH_CHECK(u.scalar_type() == at::kFloat,
-              "selective_scan_proj_cpu: needs float32 tensors, got ", u.scalar_type());
-  TORCH_CHECK(dt_w.dim() == 2 && dt_w.size(0) == u.size(1) && dt_w.size(1) >= 1 &&
-                  dt_w.is_contiguous() && dt_w.scalar_type() == at::kFloat && dt_w.device().is_cpu(),
-              "selective_scan_proj_cpu: dt_w must be a contiguous float32 (D, R) CPU tensor, got ",
-              dt_w.sizes());
-  TORCH_CHECK(dt_low.dim() == 3, "selective_scan_proj_cpu: dt_low must be (B, R, L), got ",
-              dt_low.sizes());
+std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd(
+    const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& Bt,
+    const at::Tensor& Ct, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+    const std::optional<at::Tensor>& delta_bias, bool delta_softplus, bool save_checkpoints) {
+  return scan_fwd_impl(u, delta, std::nullopt, A, Bt, Ct, D, z, delta_bias, delta_softplus,
+                       save_checkpoints);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_proj_fwd(
@@ -411,80 +452,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_proj_fwd(
     const at::Tensor& Bt, const at::Tensor& Ct, const std::optional<at::Tensor>& D,
     const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
     bool delta_softplus, bool save_checkpoints) {
-  check_proj(u, dt_low, dt_w);
-  check_args(u, dt_low, A, Bt, Ct, D, z, delta_bias, dt_w.size(1));
-  at::Tensor y = empty_like_layout(u);
-  at::Tensor last = at::empty({u.size(0), u.size(1), A.size(1)}, u.options());
-  at::Tensor ckpt = at::empty({save_checkpoints ? checkpoint_numel(u, A.size(1)) : 0}, u.options());
-  ScanArgs<float> args = make_args<float>(u, dt_low, A, Bt, Ct, D, z, delta_bias, delta_softplus);
-  args.dt_w = dt_w.const_data_ptr<float>();
-  args.rank = dt_w.size(1);
-  scan_fwd_f32(args, y.data_ptr<float>(), strides_of(y), last.data_ptr<float>(),
-               save_checkpoints ? reinterpret_cast<vf*>(ckpt.data_ptr<float>()) : nullptr);
-  return {y, last, ckpt};
+  return scan_fwd_impl(u, dt_low, dt_w, A, Bt, Ct, D, z, delta_bias, delta_softplus,
+                       save_checkpoints);
 }
 
-// Returns du, d dt_low (B, R, L; channels-last memory), d dt_w (D, R), dA, dBt, dCt, dD, dz,
-// d delta_bias (as selective_scan_bwd, with d dt_low / d dt_w in place of d delta).
+// du, ddelta, dA, dBt, dCt, dD, dz, ddelta_bias (scan_bwd_impl without d dt_w).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-           at::Tensor, at::Tensor>
-selective_scan_proj_bwd(const at::Tensor& u, const at::Tensor& dt_low, const at::Tensor& dt_w,
-                        const at::Tensor& A, const at::Tensor& Bt, const at::Tensor& Ct,
-                        const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-                        const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
-                        const at::Tensor& checkpoints, const at::Tensor& dy,
-                        const std::optional<at::Tensor>& dlast) {
-  check_proj(u, dt_low, dt_w);
-  const int64_t R = dt_w.size(1);
-  check_args(u, dt_low, A, Bt, Ct, D, z, delta_bias, R);
-  const int64_t Bm = u.size(0), Dm = u.size(1), L = u.size(2), N = A.size(1);
-  TORCH_CHECK(dy.sizes() == u.sizes() && dy.scalar_type() == at::kFloat,
-              "selective_scan_proj_cpu: dy must be a float32 tensor of shape ", u.sizes());
-  TORCH_CHECK(checkpoints.numel() == checkpoint_numel(u, N) && checkpoints.is_contiguous() &&
-                  checkpoints.scalar_type() == at::kFloat,
-              "selective_scan_proj_cpu: checkpoints must come from selective_scan_proj_fwd with "
-              "save_checkpoints=True");
-  if (present(dlast)) {
-    TORCH_CHECK(dlast->sizes() == at::IntArrayRef({Bm, Dm, N}) &&
-                    dlast->scalar_type() == at::kFloat && dlast->is_contiguous(),
-                "selective_scan_proj_cpu: dlast must be a contiguous float32 (B, D, N) tensor");
-  }
-  const int64_t nt = std::max<int64_t>(at::get_num_threads(), 1);
-  const int64_t groups = (Bm == 0 || Bm >= 4 * nt)
-                             ? 1
-                             : std::clamp<int64_t>((4 * nt + Bm - 1) / Bm, 1,
-                                                   std::max<int64_t>(num_blocks(Dm), 1));
-  const auto opts = u.options();
-  at::Tensor du = empty_like_layout(u);
-  at::Tensor dA = at::zeros({Dm, N}, opts);
-  at::Tensor dBt = at::zeros({groups, Bm, L, N}, opts);
-  at::Tensor dCt = at::zeros({groups, Bm, L, N}, opts);
-  at::Tensor dD = at::zeros({present(D) ? Dm : 0}, opts);
-  at::Tensor dz = present(z) ? empty_like_layout(*z) : at::empty({0}, opts);
-  at::Tensor dbias = at::zeros({present(delta_bias) ? Dm : 0}, opts);
-  at::Tensor ddt_low = at::zeros({groups, Bm, L, R}, opts);
-  at::Tensor ddt_w = at::zeros({Dm, R}, opts);
-  ScanGrads<float> q{du.data_ptr<float>(),
-                     nullptr,
-                     dA.data_ptr<float>(),
-                     dBt.data_ptr<float>(),
-                     dCt.data_ptr<float>(),
-                     present(D) ? dD.data_ptr<float>() : nullptr,
-                     present(z) ? dz.data_ptr<float>() : nullptr,
-                     present(delta_bias) ? dbias.data_ptr<float>() : nullptr};
-  q.ddt_low = ddt_low.data_ptr<float>();
-  q.ddt_w = ddt_w.data_ptr<float>();
-  ScanArgs<float> args = make_args<float>(u, dt_low, A, Bt, Ct, D, z, delta_bias, delta_softplus);
-  args.dt_w = dt_w.const_data_ptr<float>();
-  args.rank = R;
-  const GradStrides gs{strides_of(dy), strides_of(du), Strides{0, 0, 0},
-                       present(z) ? strides_of(dz) : Strides{0, 0, 0}};
-  scan_bwd_f32(args, reinterpret_cast<const vf*>(checkpoints.const_data_ptr<float>()),
-               dy.const_data_ptr<float>(), present(dlast) ? dlast->const_data_ptr<float>() : nullptr,
-               q, gs, groups);
-  // (B, L, R) memory seen as (B, R, L), like the channels-last dt_low the Mamba block passes.
-  return {du, ddt_low.select(0, 0).transpose(1, 2), ddt_w, dA, dBt.select(0, 0),
-          dCt.select(0, 0), dD, dz, dbias};
+           at::Tensor>
+selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                   const at::Tensor& Bt, const at::Tensor& Ct, const std::optional<at::Tensor>& D,
+                   const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
+                   bool delta_softplus, const at::Tensor& checkpoints, const at::Tensor& dy,
+                   const std::optional<at::Tensor>& dlast) {
+  auto [du, ddelta, ddt_w, dA, dBt, dCt, dD, dz, dbias] = scan_bwd_impl(
+      u, delta, std::nullopt, A, Bt, Ct, D, z, delta_bias, delta_softplus, checkpoints, dy, dlast);
+  return {du, ddelta, dA, dBt, dCt, dD, dz, dbias};
+}
+
+// du, d dt_low (B, R, L), d dt_w (D, R), dA, dBt, dCt, dD, dz, ddelta_bias.
+BwdResult selective_scan_proj_bwd(const at::Tensor& u, const at::Tensor& dt_low,
+                                  const at::Tensor& dt_w, const at::Tensor& A,
+                                  const at::Tensor& Bt, const at::Tensor& Ct,
+                                  const std::optional<at::Tensor>& D,
+                                  const std::optional<at::Tensor>& z,
+                                  const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
+                                  const at::Tensor& checkpoints, const at::Tensor& dy,
+                                  const std::optional<at::Tensor>& dlast) {
+  return scan_bwd_impl(u, dt_low, dt_w, A, Bt, Ct, D, z, delta_bias, delta_softplus, checkpoints,
+                       dy, dlast);
 }
 
 }  // namespace

@@ -299,9 +299,9 @@ def selective_scan(
         if choice == "cpu" and u.dtype == torch.float32:
             from torchrec_mamba.ops import _scan_cpu
 
-            return _scan_cpu.selective_scan_proj(
-                u, delta, delta_proj, A, B, C, D, z, delta_bias, delta_softplus,
-                return_last_state,
+            return _scan_cpu.selective_scan(
+                u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                delta_proj=delta_proj,
             )  # fmt: skip
         # (B, R, L) -> (B, D, L) in channels-last memory, as a Mamba block's projections are.
         delta = F.linear(delta.transpose(1, 2), delta_proj.to(delta.dtype)).transpose(1, 2)
