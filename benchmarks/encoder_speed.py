@@ -44,6 +44,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -238,6 +239,45 @@ def measure(batch: int, length: int, args: argparse.Namespace) -> list[dict[str,
     return rows
 
 
+def scan_kernel_ratio(
+    batch: int, length: int, d_model: int, repeats: int
+) -> dict[str, float] | None:
+    """The layer's scan kernel alone at one shape: median forward and backward wall time.
+
+    Calls the compiled ops the Mamba block runs (the dt_proj-fused scan, d_state 32, expand 2,
+    rank ceil(d/16)) directly, without autograd or the rest of the layer, so the ratio is not
+    the profiler's noisy single-pass attribution. None when the CPU kernel is unavailable.
+    """
+    from torchrec_mamba.ops import _scan_cpu
+
+    ops = _scan_cpu.kernel_ops()
+    if ops is None:
+        return None
+    g = torch.Generator().manual_seed(0)
+    e, n, r = 2 * d_model, 32, -(-d_model // 16)
+
+    def cl(c: int) -> Tensor:  # (B, c, L) view of (B, L, c) memory, as the block passes it
+        return torch.randn(batch, length, c, generator=g).transpose(1, 2)
+
+    u, z, dt_low, dy = cl(e), cl(e), cl(r), cl(e)
+    bt, ct = torch.randn(batch, length, n, generator=g), torch.randn(batch, length, n, generator=g)
+    dt_w = torch.randn(e, r, generator=g) * 0.5
+    A = -torch.rand(e, n, generator=g) - 0.1
+    D, bias = torch.randn(e, generator=g), torch.randn(e, generator=g) * 0.3 - 1.0
+    args = (u, dt_low, dt_w, A, bt, ct, D, z, bias, True)
+    fwd, bwd = [], []
+    for i in range(repeats + 1):  # the first pass warms up
+        start = time.perf_counter()
+        ckpt = ops.selective_scan_proj_fwd(*args, True)[2]
+        mid = time.perf_counter()
+        ops.selective_scan_proj_bwd(*args, ckpt, dy, None)
+        if i:
+            fwd.append(mid - start)
+            bwd.append(time.perf_counter() - mid)
+    f, b = statistics.median(fwd), statistics.median(bwd)
+    return {"fwd_ms": f * 1e3, "bwd_ms": b * 1e3, "bwd_over_fwd": b / f}
+
+
 def step_benchmark(
     args: argparse.Namespace, users: int = 256, history: int = 200
 ) -> dict[str, float]:
@@ -378,11 +418,26 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.profile:
         print_profiles(rows, configs)
-    scan_ratios = {
-        str(r["length"]): scan_bwd_over_fwd(r["profile"])
-        for r in rows
-        if r["model"] == "mamba" and r.get("profile")
-    }
+    # The scan target is read from the kernel alone (median of repeats) where the CPU kernel
+    # runs; the profile's single-pass attribution is the fallback (e.g. another backend).
+    kernel = {}
+    if backend == "cpu":
+        print("\nscan kernel alone (the block's dt_proj-fused op), median wall ms:")
+        for batch, length in configs:
+            k = scan_kernel_ratio(batch, length, args.d_model, max(3, args.repeats))
+            if k is not None:
+                kernel[str(length)] = k
+                print(f"  B={batch} L={length}: fwd {k['fwd_ms']:.1f} bwd {k['bwd_ms']:.1f} "
+                      f"bwd/fwd {k['bwd_over_fwd']:.2f}")  # fmt: skip
+    scan_ratios = (
+        {length: k["bwd_over_fwd"] for length, k in kernel.items()}
+        if kernel
+        else {
+            str(r["length"]): scan_bwd_over_fwd(r["profile"])
+            for r in rows
+            if r["model"] == "mamba" and r.get("profile")
+        }
+    )
     per_token = [
         r["peak_mb"] * 1024 / (r["batch"] * r["length"])
         for r in rows
@@ -392,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         "L2000_time_ratio_le_0.5": ratios.get("2000", {}).get("time", float("nan")) <= 0.5,
         "L200_time_ratio_le_1.0": ratios.get("200", {}).get("time", float("nan")) <= 1.0,
         "step_speedup_ge_50": step["step_speedup_vs_mamba_reencode"] >= 50,
-        # Every shape: the scan kernel's backward at most 3x its forward (self CPU time).
+        # Every shape: the scan kernel's backward at most 3x its forward (kernel alone).
         "scan_bwd_le_3x_fwd": bool(scan_ratios) and max(scan_ratios.values()) <= 3.0,
         # Linear in L: memory per token (B*L) stays within a factor 1.5 from L=200 up.
         "mamba_memory_linear": bool(per_token) and max(per_token) <= 1.5 * min(per_token),
