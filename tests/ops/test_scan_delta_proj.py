@@ -153,3 +153,25 @@ def test_delta_proj_errors_name_the_shapes() -> None:
         selective_scan(**{**kw, "delta_proj": [[1.0, 2.0]] * 8})
     with pytest.raises(TypeError, match="delta_proj has dtype torch.float64; weights must be"):
         selective_scan(**{**kw, "delta_proj": torch.zeros(8, 2, dtype=torch.float64)})
+
+
+def test_cpu_delta_proj_needs_float32_and_a_dense_weight() -> None:
+    """The CPU path's own errors: fp64 activations (the dispatcher composes those instead) and,
+    in the kernel, a dt_w that is not a contiguous (D, R) float32 tensor."""
+    if not _scan_cpu.is_available():
+        pytest.skip("no C++ kernel")
+    inputs = make_inputs(2, 8, 5, 3, 2, torch.float64)
+    kw = {k: inputs[k] for k in NAMES if k != "delta_proj"}
+    with pytest.raises(TypeError, match="delta_proj needs float32 activations, got torch.float64"):
+        _scan_cpu.selective_scan(**kw, delta_softplus=True, return_last_state=False,
+                                 delta_proj=inputs["delta_proj"])
+    f32 = make_inputs(2, 8, 5, 3, 2, torch.float32)
+    u, dt_low = f32["u"].detach(), f32["delta"].detach()
+    bt = f32["B"].detach().transpose(1, 2).contiguous()
+    ct = f32["C"].detach().transpose(1, 2).contiguous()
+    ops = _scan_cpu.kernel_ops()
+    rest = (f32["A"].detach(), bt, ct, None, None, None, True, False)
+    with pytest.raises(RuntimeError, match=r"dt_w must be a contiguous float32 \(D, R\) CPU tensor"):
+        ops.selective_scan_proj_fwd(u, dt_low, torch.zeros(2, 8).t(), *rest)  # strided
+    with pytest.raises(RuntimeError, match=r"dt_low must have shape \[2, 3, 5\]"):
+        ops.selective_scan_proj_fwd(u, dt_low, torch.zeros(8, 3), *rest)  # rank 3, input rank 2

@@ -82,8 +82,9 @@ class FaissItemIndex:
         skip = torch.tensor(sorted(set(exclude)), dtype=torch.long)
         ids_parts, vec_parts = [], []
         for ids, emb in source.chunks(chunk_size):  # (C,), (C, D)
-            keep = ~torch.isin(ids.cpu(), skip)
-            ids_parts.append(ids.cpu()[keep])
+            ids = ids.cpu()
+            keep = ~torch.isin(ids, skip)
+            ids_parts.append(ids[keep])
             vec_parts.append(emb.detach().float().cpu()[keep])
         item_ids = torch.cat(ids_parts).numpy().astype(np.int64)  # (n,)
         vectors = np.ascontiguousarray(torch.cat(vec_parts).numpy(), dtype=np.float32)  # (n, D)
