@@ -55,10 +55,8 @@ def uninterrupted(uninterrupted_dir: Path) -> dict[str, Any]:
     return json.loads((uninterrupted_dir / "metrics.json").read_text())
 
 
-def test_run_dir_rebuilds_the_best_model_without_training(
-    uninterrupted_dir: Path, uninterrupted: dict[str, Any]
-) -> None:
-    """run_config.json + data_info.json + model.pt give back the best epoch's test metrics."""
+def _rebuilt_test_metrics(run_dir: Path) -> dict[str, float]:
+    """The test metrics of ``run_dir``'s model.pt, rebuilt from its run_config / data_info."""
     import torch
 
     from torchrec_mamba.cli import _loaders
@@ -67,22 +65,33 @@ def test_run_dir_rebuilds_the_best_model_without_training(
     from torchrec_mamba.train.distributed import DistributedContext
     from torchrec_mamba.train.loop import evaluate
 
+    cfg = RunConfig.load(run_dir)
+    model = build_model(cfg, DataInfo.load(run_dir))
+    model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
+    ctx = DistributedContext(0, 1, 0, torch.device("cpu"), None, False)
+    _, _, _, test = _loaders(cfg, load_sequences(cfg.data), ctx)
+    return evaluate(model, test, ctx)
+
+
+def test_run_dir_rebuilds_the_best_model_without_training(
+    uninterrupted_dir: Path, uninterrupted: dict[str, Any]
+) -> None:
+    """run_config.json + data_info.json + model.pt give back the best epoch's test metrics."""
+    from torchrec_mamba.train.config import DataInfo, RunConfig
+
     cfg = RunConfig.load(uninterrupted_dir)
     assert cfg.dropout == 0.2 and cfg.seed == 3 and cfg.output == str(uninterrupted_dir)
     info = DataInfo.load(uninterrupted_dir)
     assert info.num_items == 25 and len(info.raw_item_ids or []) == 26
-    model = build_model(cfg, info)
-    model.load_state_dict(torch.load(uninterrupted_dir / "model.pt", weights_only=True))
-    ctx = DistributedContext(0, 1, 0, torch.device("cpu"), None, False)
-    _, _, _, test = _loaders(cfg, load_sequences(cfg.data), ctx)
-    assert evaluate(model, test, ctx) == uninterrupted["test"]
+    assert _rebuilt_test_metrics(uninterrupted_dir) == uninterrupted["test"]
 
 
 def test_train_writes_metrics_and_prints_them_last(
     tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(train_args(tiny, tmp_path, "--epochs", "2", "--loss-positions", "last",
-                           "--lr-schedule", "cosine", "--embedding-weight-decay", "0.001")) == 0
+                           "--lr-schedule", "cosine", "--embedding-weight-decay", "0.001",
+                           "--ema-decay", "0.9")) == 0
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     report = json.loads((tmp_path / "metrics.json").read_text())
     assert json.loads(last_line) == report
@@ -93,10 +102,12 @@ def test_train_writes_metrics_and_prints_them_last(
     assert [h["epoch"] for h in report["history"]] == [1, 2]
     assert all(set(h["valid"]) == KEYS and h["loss"] > 0 for h in report["history"])
     assert report["config"]["loss_positions"] == "last" and report["config"]["num_items"] == 25
-    assert report["config"]["lr_schedule"] == "cosine"
+    assert report["config"]["lr_schedule"] == "cosine" and report["config"]["ema_decay"] == 0.9
     assert report["config"]["embedding_optimizer_resolved"] == {
         "name": "adam", "lr": 2e-3, "weight_decay": 0.001}
     assert report["train_seconds_per_epoch"] > 0
+    # model.pt holds the weight average that was tested, not the last live weights
+    assert _rebuilt_test_metrics(tmp_path) == report["test"]
 
 
 def test_bad_file_names_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -239,7 +239,7 @@ def _train(args: argparse.Namespace) -> int:
             epochs=cfg.epochs, patience=cfg.patience, mask_seen=cfg.mask_seen,
             pipeline=cfg.pipeline, checkpoint_dir=cfg.checkpoint_dir, resume=mode == "resume",
             progress=not cfg.no_progress, best_model_path=str(Path(cfg.output) / _MODEL_FILE),
-            lr_schedule=cfg.lr_schedule,
+            lr_schedule=cfg.lr_schedule, ema_decay=cfg.ema_decay,
         )
     except ValueError as err:
         return _error(err)

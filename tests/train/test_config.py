@@ -62,6 +62,8 @@ def test_unknown_key_and_bad_values_raise(tmp_path: Path) -> None:
         RunConfig(embedding_weight_decay=-0.1)
     with pytest.raises(ValueError, match="RunConfig.weight_decay must be a number >= 0, got nan"):
         RunConfig(weight_decay=float("nan"))
+    with pytest.raises(ValueError, match=r"RunConfig.ema_decay must be in \[0, 1\), got 1.0"):
+        RunConfig(ema_decay=1.0)
     with pytest.raises(ValueError, match=r"RunConfig.lr_schedule='step': choose from"):
         RunConfig(lr_schedule="step")
     with pytest.raises(FileNotFoundError, match="run_config.json not found"):

@@ -27,6 +27,7 @@ import torch
 
 from torchrec_mamba.models import Mamba4Rec, Mamba4RecConfig
 from torchrec_mamba.modules import MambaSequenceEncoder
+from torchrec_mamba.train.averaging import WeightAverage
 from torchrec_mamba.train.distributed import (
     DistributedContext,
     EmbeddingOptimizerConfig,
@@ -186,6 +187,14 @@ def test_row_wise_sparse_dist_matches_single_process_reference(two_ranks: list[d
     assert r0["max_score_diff"] < 1e-4, r0["max_score_diff"]
 
 
+def test_sharded_weight_average_matches_a_hand_written_one(two_ranks: list[dict[str, Any]]) -> None:
+    r0 = two_ranks[0]
+    assert r0["average_updates"] == r0["reference_steps"] > 3
+    assert r0["max_average_table_diff"] < 1e-5, r0["max_average_table_diff"]
+    assert r0["max_average_dense_diff"] < 1e-5, r0["max_average_dense_diff"]
+    assert r0["average_moved_the_table"] and r0["live_table_restored"]
+
+
 def test_sharded_training_learns_and_ranks_agree(two_ranks: list[dict[str, Any]]) -> None:
     r0, r1 = two_ranks
     assert r0["epoch_losses"][-1] < r0["epoch_losses"][0]
@@ -257,6 +266,8 @@ def _worker(out: Path) -> None:  # pragma: no cover - runs in the torchrun subpr
     result["valid_before"] = evaluate(dmp, valid, ctx)
     train = loader(split.train, rank, world)
     losses = []
+    # A weight average of the sharded model: each rank averages its local table shards in place.
+    average = WeightAverage(dmp, 0.9)
     # A cosine lr, as fit's --lr-schedule sets it: the fused table optimizer must follow it
     # (FBGEMM reads param_groups' lr at zero_grad/step) for the reference below to match.
     base_lrs = [g["lr"] for g in opt.param_groups]
@@ -264,7 +275,8 @@ def _worker(out: Path) -> None:  # pragma: no cover - runs in the torchrun subpr
         for group, base in zip(opt.param_groups, base_lrs, strict=True):
             group["lr"] = base * lr_factor("cosine", epoch, 3)
         train.set_epoch(epoch)
-        losses.append(train_one_epoch(dmp, opt, train, ctx, progress=False, epoch=epoch))
+        losses.append(train_one_epoch(dmp, opt, train, ctx, progress=False, epoch=epoch,
+                                      on_batch_end=lambda e, d: average.update()))
     result["epoch_losses"] = losses
     result["valid"] = evaluate(dmp, valid, ctx)
     state = dmp.state_dict()
@@ -272,6 +284,13 @@ def _worker(out: Path) -> None:  # pragma: no cover - runs in the torchrun subpr
     assert isinstance(table, ShardedTensor)
     full = torch.zeros(table.size()) if rank == 0 else None
     table.gather(0, full)
+    with average.applied():  # the averaged weights, gathered like the live ones
+        avg_state = {k: v.clone() for k, v in dmp.state_dict().items() if not isinstance(v, ShardedTensor)}
+        avg_full = torch.zeros(table.size()) if rank == 0 else None
+        dmp.state_dict()["ec.embeddings.item.weight"].gather(0, avg_full)
+    back = torch.zeros(table.size()) if rank == 0 else None
+    dmp.state_dict()["ec.embeddings.item.weight"].gather(0, back)
+    result["average_updates"] = average.updates
     eval_batch = next(iter(loader(split.valid, 0, 1, 64, False)))
     with torch.no_grad():
         unwrap(dmp).eval()
@@ -283,6 +302,8 @@ def _worker(out: Path) -> None:  # pragma: no cover - runs in the torchrun subpr
         ref_dense = torch.optim.Adam(dense, lr=1e-2)
         ref_table = torch.optim.Adagrad(ref.ec.parameters(), lr=0.05, eps=1e-8)
         halves = [loader(split.train, r, world) for r in range(world)]
+        ref_avg = {k: v.clone().double() for k, v in ref.state_dict().items()}
+        steps = 0
         for epoch in range(3):
             for ref_opt, base in ((ref_dense, 1e-2), (ref_table, 0.05)):
                 ref_opt.param_groups[0]["lr"] = base * lr_factor("cosine", epoch, 3)
@@ -295,7 +316,17 @@ def _worker(out: Path) -> None:  # pragma: no cover - runs in the torchrun subpr
                 loss.backward()
                 ref_dense.step()
                 ref_table.step()
+                d = min(0.9, (1 + steps) / (10 + steps))  # the average, written out
+                ref_avg = {k: d * v + (1 - d) * ref.state_dict()[k].double() for k, v in ref_avg.items()}
+                steps += 1
         ref_state = ref.state_dict()
+        result["reference_steps"] = steps
+        result["max_average_table_diff"] = float(
+            (avg_full - ref_avg["ec.embeddings.item.weight"]).abs().max())  # type: ignore[operator]
+        result["max_average_dense_diff"] = max(
+            float((avg_state[k] - v).abs().max()) for k, v in ref_avg.items() if not k.startswith("ec."))
+        result["average_moved_the_table"] = float((avg_full - full).abs().max()) > 1e-3  # type: ignore[operator]
+        result["live_table_restored"] = bool(torch.equal(back, full))  # type: ignore[arg-type]
         result["max_table_diff"] = float((full - ref_state["ec.embeddings.item.weight"]).abs().max())  # type: ignore[operator]
         result["max_dense_diff"] = max(
             float((state[k] - v).abs().max()) for k, v in ref_state.items() if not k.startswith("ec.")
@@ -321,7 +352,8 @@ def _worker(out: Path) -> None:  # pragma: no cover - runs in the torchrun subpr
                 raise Crash
 
         config = FitConfig(epochs=2, patience=5, checkpoint_dir=str(ckpt), resume=resume, progress=False,
-                           best_model_path=None if best_model is None else str(best_model))
+                           best_model_path=None if best_model is None else str(best_model),
+                           ema_decay=0.9)  # the average's shards must come back on resume too
         return fit(
             model, optimizer, loader(split.train, rank, world), loader(split.valid, rank, world, 16, False),
             loader(split.test, rank, world, 16, False), config, ctx, on_batch_end=hook,

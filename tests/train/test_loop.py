@@ -196,7 +196,7 @@ def _parquet_splits(tmp_path):  # type: ignore[no-untyped-def]
                  for n in ("train", "valid", "test"))
 
 
-def _parquet_run(tmp_path, ckpt, hook=None, resume=False, lr_schedule="constant"):  # type: ignore[no-untyped-def]
+def _parquet_run(tmp_path, ckpt, hook=None, resume=False, lr_schedule="constant", ema_decay=0.0):  # type: ignore[no-untyped-def]
     from torchrec_mamba.train.config import DataInfo, RunConfig, build_model
 
     train, valid, test = _parquet_splits(tmp_path)
@@ -207,7 +207,8 @@ def _parquet_run(tmp_path, ckpt, hook=None, resume=False, lr_schedule="constant"
     opt = build_optimizer(model, 1e-2, 0.0, EmbeddingOptimizerConfig("adam", lr=1e-2))
     config = FitConfig(epochs=3, patience=3, progress=False, all_tasks=True,
                        checkpoint_dir=str(ckpt), resume=resume,
-                       best_model_path=str(ckpt / "model.pt"), lr_schedule=lr_schedule)
+                       best_model_path=str(ckpt / "model.pt"), lr_schedule=lr_schedule,
+                       ema_decay=ema_decay)
     return fit(model, opt, train, valid, test, config, CTX, on_batch_end=hook), model
 
 
@@ -215,11 +216,12 @@ class _Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("lr_schedule", ["constant", "cosine"])
-def test_parquet_training_resumes_exactly_after_a_crash(tmp_path, lr_schedule) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("lr_schedule", "ema_decay"), [("constant", 0.0), ("cosine", 0.0), ("constant", 0.8)])
+def test_parquet_training_resumes_exactly_after_a_crash(tmp_path, lr_schedule, ema_decay) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    whole, model = _parquet_run(tmp_path / "a", tmp_path / "a" / "ckpt", lr_schedule=lr_schedule)
+    whole, model = _parquet_run(tmp_path / "a", tmp_path / "a" / "ckpt", lr_schedule=lr_schedule,
+                                ema_decay=ema_decay)
     assert set(whole.test_tasks) == {"next_item", "next_category"}
     assert whole.test == whole.test_tasks["next_item"]
     assert all(set(h["tasks"]) == {"next_item", "next_category"} for h in whole.history)
@@ -232,12 +234,17 @@ def test_parquet_training_resumes_exactly_after_a_crash(tmp_path, lr_schedule) -
 
     ckpt = tmp_path / "b" / "ckpt"
     with pytest.raises(_Crash):
-        _parquet_run(tmp_path / "b", ckpt, hook=crash, lr_schedule=lr_schedule)
-    # the resumed run continues the schedule at epoch 2 (its loaded param groups hold epoch 1's lr)
-    resumed, _ = _parquet_run(tmp_path / "b", ckpt, resume=True, lr_schedule=lr_schedule)
+        _parquet_run(tmp_path / "b", ckpt, hook=crash, lr_schedule=lr_schedule, ema_decay=ema_decay)
+    # the resumed run continues the schedule at epoch 2 (its loaded param groups hold epoch 1's
+    # lr) and the weight average where epoch 1 left it (it is in the checkpoint)
+    resumed, _ = _parquet_run(tmp_path / "b", ckpt, resume=True, lr_schedule=lr_schedule,
+                              ema_decay=ema_decay)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history]
+    assert [h["valid"] for h in resumed.history] == [h["valid"] for h in whole.history]
     assert resumed.test_tasks == whole.test_tasks and resumed.valid == whole.valid
     assert resumed.best_epoch == whole.best_epoch
+    resumed_best = torch.load(ckpt / "model.pt", weights_only=True)
+    assert all(torch.equal(resumed_best[k], v) for k, v in best.items())
 
 
 def test_parquet_loader_state_mismatch_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -1,7 +1,7 @@
 """Training: the run config and ``build_model`` (:mod:`.config`), process group + planner + DMP
 (:mod:`.distributed`), ``fit`` (:mod:`.loop`), ``evaluate`` / ``evaluate_tasks``
-(:mod:`.evaluation`), exact-resume checkpoints (:mod:`.checkpoint`) and full-ranking metrics
-(:mod:`.metrics`).
+(:mod:`.evaluation`), exact-resume checkpoints (:mod:`.checkpoint`), the weight average
+(:mod:`.averaging`) and full-ranking metrics (:mod:`.metrics`).
 
 Names load on first access, so ``import torchrec_mamba.train.metrics`` does not pull in
 ``torchrec.distributed``.
@@ -28,6 +28,7 @@ _LAZY = {
     "build_model": "torchrec_mamba.train.config",
     "evaluate_tasks": "torchrec_mamba.train.evaluation",
     "FitConfig": "torchrec_mamba.train.loop",
+    "WeightAverage": "torchrec_mamba.train.averaging",
     "FitResult": "torchrec_mamba.train.loop",
     "evaluate": "torchrec_mamba.train.evaluation",
     "fit": "torchrec_mamba.train.loop",
@@ -61,9 +62,11 @@ __all__ = [
     "full_state_dict",
     "train_one_epoch",
     "unwrap",
+    "WeightAverage",
 ]
 
 if TYPE_CHECKING:
+    from torchrec_mamba.train.averaging import WeightAverage
     from torchrec_mamba.train.checkpoint import load_checkpoint, save_checkpoint
     from torchrec_mamba.train.config import DataInfo, RunConfig, build_model
     from torchrec_mamba.train.evaluation import evaluate, evaluate_tasks

@@ -115,6 +115,9 @@ class RunConfig:
                             "from the start of each epoch)", "train", choices=LR_SCHEDULES)
     embedding_weight_decay: float = _opt(0.0, "L2 weight decay of the embedding tables (the "
                                          "table optimizer's weight_decay; 0: none)", "train")
+    ema_decay: float = _opt(0.0, "validate, select and save an exponential moving average of the "
+                            "weights, updated after every step with this decay (0: the live "
+                            "weights)", "train")
     head_dtype: str = _opt("auto", "dtype of the training softmax product (auto: bfloat16 where "
                            "the device has native bf16 GEMMs, i.e. CUDA with bf16 or a CPU with "
                            "AVX512-BF16/AMX, else float32; bfloat16 is several times faster "
@@ -179,6 +182,9 @@ class RunConfig:
             if not (isinstance(value, (int, float)) and not isinstance(value, bool)
                     and math.isfinite(value) and value >= 0):
                 raise ValueError(f"RunConfig.{name} must be a number >= 0, got {value!r}")
+        if not (isinstance(self.ema_decay, (int, float)) and not isinstance(self.ema_decay, bool)
+                and 0.0 <= self.ema_decay < 1.0):
+            raise ValueError(f"RunConfig.ema_decay must be in [0, 1), got {self.ema_decay!r}")
         if not (isinstance(self.label_smoothing, (int, float)) and not isinstance(
                 self.label_smoothing, bool) and 0.0 <= self.label_smoothing < 1.0):
             raise ValueError(f"RunConfig.label_smoothing must be in [0, 1), got "

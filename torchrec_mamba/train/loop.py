@@ -28,7 +28,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Generator, Iterator
-from contextlib import closing
+from contextlib import AbstractContextManager, closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from torchrec_mamba.data.batch import SequenceBatch
 from torchrec_mamba.data.loader import Loader
+from torchrec_mamba.train.averaging import WeightAverage
 from torchrec_mamba.train.checkpoint import load_checkpoint, save_checkpoint
 from torchrec_mamba.train.config import LR_SCHEDULES
 from torchrec_mamba.train.distributed import DistributedContext, full_state_dict, unwrap
@@ -56,6 +57,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Pipeline = Literal["auto", "sparse_dist", "base", "plain"]
+_AVERAGE_KEY = "weight_average"  # the average's state inside a checkpoint's progress
 BatchHook = Callable[[int, int], None]
 
 
@@ -106,6 +108,11 @@ class FitConfig:
             :func:`lr_factor` at the start of every epoch, from 1 at epoch 1 towards 0 at
             ``epochs``. A function of the epoch only, so ``resume`` continues it. Default:
             ``"constant"``.
+        ema_decay (float): 0 trains and evaluates the live weights. In (0, 1): keep an
+            exponential moving average of the weights (:class:`~torchrec_mamba.train.averaging.
+            WeightAverage`, updated after every optimizer step with this decay) and validate,
+            select, test and save it instead; training continues on the live weights. The
+            average is part of the checkpoint. Default: 0.
 
     Example::
 
@@ -125,8 +132,12 @@ class FitConfig:
     all_tasks: bool = False
     best_model_path: str | None = None
     lr_schedule: str = "constant"
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
+        if (isinstance(self.ema_decay, bool) or not isinstance(self.ema_decay, (int, float))
+                or not 0.0 <= self.ema_decay < 1.0):
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(
                 f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"
@@ -324,30 +335,48 @@ def _evaluate_split(
     return by_task[unwrap(model).tasks[0].name], by_task
 
 
+def _with_average(hook: BatchHook | None, average: WeightAverage | None) -> BatchHook | None:
+    """``hook`` preceded by the weight-average update (after every optimizer step)."""
+    if average is None:
+        return hook
+
+    def both(epoch: int, done: int) -> None:
+        average.update()
+        if hook is not None:
+            hook(epoch, done)
+
+    return both
+
+
 def _run_epoch(
     model: nn.Module, optimizer: KeyedOptimizer, loaders: tuple[Loader, Loader, Loader],
     config: FitConfig, ctx: DistributedContext, progress: dict[str, Any], epoch: int,
-    on_batch_end: BatchHook | None,
+    on_batch_end: BatchHook | None, average: WeightAverage | None = None,
 ) -> None:
-    """Train one epoch, validate, test when validation improved; updates ``progress``."""
+    """Train one epoch, validate, test when validation improved; updates ``progress``.
+
+    With ``average`` the averaged weights are validated, tested and saved."""
     train_loader, valid_loader, test_loader = loaders
     train_loader.set_epoch(epoch)
     start = time.perf_counter()
     loss = train_one_epoch(
-        model, optimizer, train_loader, ctx, config.pipeline, config.progress, epoch, on_batch_end
+        model, optimizer, train_loader, ctx, config.pipeline, config.progress, epoch,
+        _with_average(on_batch_end, average),
     )
     seconds = time.perf_counter() - start
-    valid, valid_tasks = _evaluate_split(model, valid_loader, config, ctx)
-    score = valid[config.monitor]
-    improved = score > progress["best_score"]
-    if improved:
-        test, test_tasks = _evaluate_split(model, test_loader, config, ctx)
-        progress.update(best_epoch=epoch + 1, best_score=score, best_valid=valid, best_test=test,
-                        best_valid_tasks=valid_tasks, best_test_tasks=test_tasks,
-                        epochs_since_best=0)
-        if config.best_model_path is not None:
-            _save_best_model(model, config.best_model_path, ctx)
-    else:
+    weights: AbstractContextManager[None] = average.applied() if average else nullcontext()
+    with weights:
+        valid, valid_tasks = _evaluate_split(model, valid_loader, config, ctx)
+        score = valid[config.monitor]
+        improved = score > progress["best_score"]
+        if improved:
+            test, test_tasks = _evaluate_split(model, test_loader, config, ctx)
+            progress.update(best_epoch=epoch + 1, best_score=score, best_valid=valid,
+                            best_test=test, best_valid_tasks=valid_tasks,
+                            best_test_tasks=test_tasks, epochs_since_best=0)
+            if config.best_model_path is not None:
+                _save_best_model(model, config.best_model_path, ctx)
+    if not improved:
         progress["epochs_since_best"] += 1
     entry: dict[str, Any] = {"epoch": epoch + 1, "loss": loss, "valid": valid,
                              "train_seconds": seconds}
@@ -395,7 +424,17 @@ def fit(
     """
     # The lrs as built, read before a resume loads (scheduled) lrs into the param groups.
     base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
+    average = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
     progress = _restore(model, optimizer, train_loader, config, ctx)
+    saved_average = progress.pop(_AVERAGE_KEY, None)
+    if (saved_average is None) != (average is None) and progress["epoch"] > 0:
+        raise ValueError(
+            f"the checkpoint in {config.checkpoint_dir} was written "
+            f"{'without' if saved_average is None else 'with'} a weight average, but this run "
+            f"has ema_decay={config.ema_decay}; resume with the run's own setting"
+        )
+    if average is not None and saved_average is not None:
+        average.load_state_dict(saved_average)
     loaders = (train_loader, valid_loader, test_loader)
     for epoch in range(int(progress["epoch"]), config.epochs):
         if progress["stopped_early"]:
@@ -403,10 +442,11 @@ def fit(
         factor = lr_factor(config.lr_schedule, epoch, config.epochs)
         for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
             group["lr"] = base * factor  # type: ignore[index]  # fused tables read it at step()
-        _run_epoch(model, optimizer, loaders, config, ctx, progress, epoch, on_batch_end)
+        _run_epoch(model, optimizer, loaders, config, ctx, progress, epoch, on_batch_end, average)
         if config.checkpoint_dir is not None:
+            state = progress if average is None else {**progress, _AVERAGE_KEY: average.state_dict()}
             save_checkpoint(
-                config.checkpoint_dir, model, optimizer, progress, train_loader.state_dict(), ctx
+                config.checkpoint_dir, model, optimizer, state, train_loader.state_dict(), ctx
             )
     history = progress["history"]
     epoch_seconds = [float(h["train_seconds"]) for h in history]
