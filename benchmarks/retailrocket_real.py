@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sort runs of K training batches by length; 0 = off (default 50)")
     p.add_argument("--eval-batch-size", type=int, default=1024, help="default 1024")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default 2e-3)")
+    p.add_argument("--ema-decay", type=float, default=0.0,
+                   help="validate a moving average of the weights with this decay (default 0)")
     p.add_argument("--seed", type=int, default=0, help="default 0")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"],
                    help="default: cuda when available")
@@ -243,7 +245,8 @@ def run_config(kind: str, args: argparse.Namespace) -> Any:
         num_layers=args.mamba_layers if kind == "mamba4rec" else args.sasrec_layers,
         num_heads=2, dropout=args.dropout, attn_dropout=0.0,
         sampled_softmax=args.sampled_softmax, epochs=args.epochs, patience=args.patience,
-        lr=args.lr, batch_size=args.batch_size, length_buckets=args.length_buckets,
+        lr=args.lr, ema_decay=args.ema_decay, batch_size=args.batch_size,
+        length_buckets=args.length_buckets,
         eval_batch_size=args.eval_batch_size, seed=args.seed, device=args.device,
         no_progress=args.no_progress,
     )
@@ -313,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         build_optimizer,
         init_distributed,
     )
-    from torchrec_mamba.train.loop import FitConfig, fit
+    from torchrec_mamba.train.loop import fit
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr, force=True)
@@ -344,8 +347,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "test": SequenceLoader(test, args.eval_batch_size, shuffle=False, seed=args.seed,
                                sort_by_length=True),
     }
-    fit_config = FitConfig(epochs=args.epochs, patience=args.patience, ks=KS,
-                           progress=not args.no_progress)
     results: dict[str, dict[str, Any]] = {}
     for kind in models:
         t0 = time.perf_counter()
@@ -355,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                             item_counts=torch.from_numpy(counts).float())
         optimizer = build_optimizer(model, args.lr, 0.0, EmbeddingOptimizerConfig("adam", lr=args.lr))
         res = fit(model, optimizer, loaders["train"], loaders["valid"], loaders["test"],
-                  fit_config, ctx)
+                  run_config(kind, args).fit_config(ks=KS), ctx)
         epoch_s = [float(h["train_seconds"]) for h in res.history]
         results[kind] = {
             "test": res.test,

@@ -54,7 +54,6 @@ __all__ = ["build_parser", "main"]
 logger = logging.getLogger("torchrec_mamba.cli")
 
 _RUN_CONFIG = "run_config.json"
-_MODEL_FILE = "model.pt"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,7 +219,7 @@ def _train(args: argparse.Namespace) -> int:
         collective_errors,
         destroy_distributed,
     )
-    from torchrec_mamba.train.loop import FitConfig, fit
+    from torchrec_mamba.train.loop import fit
     from torchrec_mamba.train.run_guard import (
         check_output_dir,
         check_resume_config,
@@ -235,12 +234,7 @@ def _train(args: argparse.Namespace) -> int:
             for folder in (cfg.output, cfg.checkpoint_dir):
                 if folder is not None:
                     check_output_dir(folder, cfg.overwrite)
-        fit_config = FitConfig(
-            epochs=cfg.epochs, patience=cfg.patience, mask_seen=cfg.mask_seen,
-            pipeline=cfg.pipeline, checkpoint_dir=cfg.checkpoint_dir, resume=mode == "resume",
-            progress=not cfg.no_progress, best_model_path=str(Path(cfg.output) / _MODEL_FILE),
-            lr_schedule=cfg.lr_schedule, ema_decay=cfg.ema_decay,
-        )
+        fit_config = cfg.fit_config(resume=mode == "resume")
     except ValueError as err:
         return _error(err)
     cfg, ctx = _start(cfg)

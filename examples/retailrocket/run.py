@@ -70,7 +70,7 @@ from torchrec_mamba.train.distributed import (  # noqa: E402
     build_optimizer,
     init_distributed,
 )
-from torchrec_mamba.train.loop import FitConfig, fit  # noqa: E402
+from torchrec_mamba.train.loop import fit  # noqa: E402
 from torchrec_mamba.train.metrics import RankingMetrics  # noqa: E402
 
 __all__ = ["BUCKET", "KS", "MODELS", "TASKS", "build_parser", "main"]
@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="length-bucket training batches: sort runs of BUCKET batches by "
                        f"length, then shuffle the batches; 0 turns it off (default {BUCKET})")
     train.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (default 5e-3)")
+    train.add_argument("--ema-decay", type=float, default=0.0,
+                       help="validate and keep a moving average of the weights with this "
+                       "per-step decay, e.g. 0.999 (default 0: the live weights)")
     train.add_argument("--device", default=None, choices=["cpu", "cuda"],
                        help="default: cuda when available")
     train.add_argument("--resume", action="store_true",
@@ -293,7 +296,8 @@ def run_config(kind: str, args: argparse.Namespace) -> RunConfig:
         num_layers=args.mamba_layers if kind == "mamba4rec" else args.sasrec_layers,
         num_heads=args.num_heads, dropout=args.dropout, attn_dropout=0.0, backend=args.backend,
         sampled_softmax=args.sampled_softmax, category_loss_weight=args.category_loss_weight,
-        epochs=args.epochs, patience=args.patience, lr=args.lr, batch_size=args.batch_size,
+        epochs=args.epochs, patience=args.patience, lr=args.lr, ema_decay=args.ema_decay,
+        batch_size=args.batch_size,
         eval_batch_size=args.eval_batch_size, length_buckets=args.bucket, seed=args.seed,
         device=args.device, checkpoint_dir=str(args.output_dir / "checkpoints" / kind),
         resume=args.resume, no_progress=args.no_progress,
@@ -325,11 +329,7 @@ def train_model(cfg: RunConfig, model: SequentialRecommender, splits: Splits,
     """``train.fit`` with both tasks evaluated; resumable checkpoints in ``cfg.checkpoint_dir``."""
     start = time.perf_counter()
     optimizer = build_optimizer(model, cfg.lr, 0.0, EmbeddingOptimizerConfig("adam", lr=cfg.lr))
-    fit_config = FitConfig(
-        epochs=cfg.epochs, patience=cfg.patience, monitor=MONITOR, ks=KS, all_tasks=True,
-        checkpoint_dir=cfg.checkpoint_dir, resume=cfg.resume, progress=not cfg.no_progress,
-        best_model_path=str(Path(cfg.output) / "model.pt"),
-    )
+    fit_config = cfg.fit_config(monitor=MONITOR, ks=KS, all_tasks=True)
     res = fit(model, optimizer, splits.train, splits.valid, splits.test, fit_config, ctx)
     return TrainResult(test=res.test_tasks, valid=res.valid_tasks, best_epoch=res.best_epoch,
                        history=res.history, seconds=time.perf_counter() - start)

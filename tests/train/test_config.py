@@ -122,3 +122,19 @@ def test_head_dtype_auto_follows_native_bf16(monkeypatch: pytest.MonkeyPatch) ->
         assert config_module.resolve_head_dtype("float32", "cpu") == "float32"
     with pytest.raises(ValueError, match="got 'half'"):
         config_module.resolve_head_dtype("half")
+
+
+def test_fit_config_carries_the_run_settings_and_takes_overrides() -> None:
+    cfg = RunConfig(data="sasrec:x.txt", output="runs/a", epochs=7, patience=3, mask_seen=True,
+                    pipeline="base", checkpoint_dir="ck", resume=True, no_progress=True,
+                    lr_schedule="cosine", ema_decay=0.99)
+    fc = cfg.fit_config()
+    assert (fc.epochs, fc.patience, fc.mask_seen, fc.pipeline, fc.checkpoint_dir, fc.resume,
+            fc.progress, fc.lr_schedule, fc.ema_decay) == (7, 3, True, "base", "ck", True, False,
+                                                          "cosine", 0.99)
+    assert fc.best_model_path == str(Path("runs/a") / "model.pt")
+    over = cfg.fit_config(resume=False, ks=(10,), monitor="hr@10", all_tasks=True)
+    assert (over.resume, over.ks, over.monitor, over.all_tasks) == (False, (10,), "hr@10", True)
+    assert RunConfig(data="sasrec:x.txt", output="").fit_config().best_model_path is None
+    with pytest.raises(TypeError, match="unexpected keyword argument 'epoch'"):
+        cfg.fit_config(epoch=3)

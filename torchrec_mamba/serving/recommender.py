@@ -39,7 +39,7 @@ __all__ = ["MODEL_FILE", "Recommender"]
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE = "model.pt"
+MODEL_FILE = "model.pt"  # = torchrec_mamba.train.config.MODEL_FILE (not imported: config is lazy)
 
 
 def _read_run(run_dir: Path) -> tuple[RunConfig, DataInfo, dict[str, Tensor]]:

@@ -21,14 +21,18 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from torchrec_mamba.train.loop import FitConfig
+
 __all__ = [
     "DATA_INFO",
     "MODEL_DROPOUT",
+    "MODEL_FILE",
     "RUN_CONFIG",
     "LR_SCHEDULES",
     "DataInfo",
@@ -43,6 +47,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 RUN_CONFIG = "run_config.json"
+MODEL_FILE = "model.pt"  # the best epoch's weights, in the run's output folder
 DATA_INFO = "data_info.json"
 
 #: Default dropout of each model (``RunConfig.dropout=None``).
@@ -203,6 +208,29 @@ class RunConfig:
         if world_size > 1 and self.sharding is None:
             changes["sharding"] = "row_wise"
         return dataclasses.replace(self, **changes)
+
+    def fit_config(self, **overrides: Any) -> FitConfig:
+        """The :class:`~torchrec_mamba.train.loop.FitConfig` of this run: epochs, patience,
+        mask_seen, pipeline, checkpoint_dir, resume, progress, lr_schedule and ema_decay, with the
+        best model saved to ``OUTPUT/model.pt`` (none when ``output`` is empty); ``overrides``
+        replace any of these or set FitConfig's other fields (``monitor``, ``ks``, ``all_tasks``).
+
+        Example::
+
+            >>> RunConfig(data="sasrec:x.txt", output="run", ema_decay=0.999).fit_config(
+            ...     ks=(10,), monitor="hr@10").ema_decay
+            0.999
+        """
+        from torchrec_mamba.train.loop import FitConfig
+
+        values: dict[str, Any] = {
+            "epochs": self.epochs, "patience": self.patience, "mask_seen": self.mask_seen,
+            "pipeline": self.pipeline, "checkpoint_dir": self.checkpoint_dir,
+            "resume": self.resume, "progress": not self.no_progress,
+            "lr_schedule": self.lr_schedule, "ema_decay": self.ema_decay,
+            "best_model_path": str(Path(self.output) / MODEL_FILE) if self.output else None,
+        }
+        return FitConfig(**{**values, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, JSON-ready."""
