@@ -53,6 +53,7 @@ FACTORS: dict[str, list[str]] = {
     "lr_cosine": ["--lr-schedule", "cosine"],
     "emb_weight_decay1e-5": ["--embedding-weight-decay", "1e-5"],
     "plain_lr_batch": ["--lr", "1e-3", "--batch-size", "256"],
+    "ema0.999": ["--ema-decay", "0.999"],
 }
 
 

@@ -64,6 +64,8 @@ logger = logging.getLogger("retailrocket_real")
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options; the defaults are the documented run."""
+    from torchrec_mamba.train.config import RunConfig  # no torch.distributed: cheap
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA,
                    help="folder with train_sessions.txt.gz and test_prefix_target.tsv.gz "
@@ -87,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sort runs of K training batches by length; 0 = off (default 50)")
     p.add_argument("--eval-batch-size", type=int, default=1024, help="default 1024")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default 2e-3)")
-    p.add_argument("--ema-decay", type=float, default=0.0,
-                   help="validate a moving average of the weights with this decay (default 0)")
+    p.add_argument("--ema-decay", type=float, default=RunConfig.ema_decay,
+                   help="validate, select and keep a moving average of the weights with this "
+                   "per-step decay (the library default, %(default)s; 0: the live weights)")
     p.add_argument("--seed", type=int, default=0, help="default 0")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"],
                    help="default: cuda when available")

@@ -149,3 +149,12 @@ def test_a_field_missing_from_an_old_run_counts_as_its_default(bench: ModuleType
     assert bench.config_mismatch(old, expected) == []
     smoothed = bench.expected_config(cmd + ["--label-smoothing", "0.1"])
     assert bench.config_mismatch(old, smoothed) == ["label_smoothing: 0.0 -> 0.1"]
+
+
+def test_a_run_made_before_ema_decay_existed_had_no_weight_average(bench: ModuleType) -> None:
+    cmd = bench.train_command("beauty", "sasrec", 0, Path("data"), Path("run"), [])
+    expected = bench.expected_config(cmd)  # today's default: ema_decay 0.999
+    old = {k: v for k, v in expected.items() if k != "ema_decay"}
+    assert bench.config_mismatch(old, expected) == ["ema_decay: 0.0 -> 0.999"]
+    live = bench.expected_config(cmd + ["--ema-decay", "0"])
+    assert bench.config_mismatch(old, live) == []

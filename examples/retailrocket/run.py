@@ -141,9 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="length-bucket training batches: sort runs of BUCKET batches by "
                        f"length, then shuffle the batches; 0 turns it off (default {BUCKET})")
     train.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (default 5e-3)")
-    train.add_argument("--ema-decay", type=float, default=0.0,
-                       help="validate and keep a moving average of the weights with this "
-                       "per-step decay, e.g. 0.999 (default 0: the live weights)")
+    train.add_argument("--ema-decay", type=float, default=RunConfig.ema_decay,
+                       help="validate, select and keep a moving average of the weights with this "
+                       "per-step decay (the library default, %(default)s; 0: the live weights)")
     train.add_argument("--device", default=None, choices=["cpu", "cuda"],
                        help="default: cuda when available")
     train.add_argument("--resume", action="store_true",
