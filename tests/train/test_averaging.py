@@ -187,8 +187,17 @@ def test_fit_refuses_to_resume_with_another_averaging_setting(tmp_path) -> None:
     model, opt = build(data.num_items)
     config = FitConfig(epochs=2, progress=False, checkpoint_dir=str(tmp_path), resume=True,
                        ema_decay=0.9)
-    with pytest.raises(ValueError, match="was written without a weight average, but this run has "
-                                         "ema_decay=0.9"):
+    with pytest.raises(ValueError, match=r"was written without a weight average, but this run has "
+                                         r"ema_decay=0.9; resume with the run's own setting \(--ema-decay 0\)"):
+        fit(model, opt, train, valid, test, config, CTX)
+    # and the other way round: a checkpoint with an average resumed without one
+    model, opt = build(data.num_items)
+    fit(model, opt, train, valid, test,
+        FitConfig(epochs=1, progress=False, checkpoint_dir=str(tmp_path / "avg"), ema_decay=0.9), CTX)
+    model, opt = build(data.num_items)
+    config = FitConfig(epochs=2, progress=False, checkpoint_dir=str(tmp_path / "avg"), resume=True)
+    with pytest.raises(ValueError, match=r"was written with a weight average, but this run has "
+                                         r"ema_decay=0.0; resume with the run's own setting \(--ema-decay 0.9\)"):
         fit(model, opt, train, valid, test, config, CTX)
 
 

@@ -431,7 +431,8 @@ def fit(
         raise ValueError(
             f"the checkpoint in {config.checkpoint_dir} was written "
             f"{'without' if saved_average is None else 'with'} a weight average, but this run "
-            f"has ema_decay={config.ema_decay}; resume with the run's own setting"
+            f"has ema_decay={config.ema_decay}; resume with the run's own setting (--ema-decay "
+            f"{0 if saved_average is None else saved_average['decay']})"
         )
     if average is not None and saved_average is not None:
         average.load_state_dict(saved_average)
