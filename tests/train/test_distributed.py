@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -156,16 +157,11 @@ def test_shard_model_refuses_cpu_adam() -> None:
 
 
 # --- two ranks --------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    out = tmp_path_factory.mktemp("two_ranks")
-    root = str(Path(__file__).resolve().parents[2])  # this checkout's code, not the installed one
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        __file__, str(out),
-    ]
-    # own session, so that a hang kills torchrun and both workers, not just torchrun
+_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def _torchrun(cmd: list[str], env: dict[str, str]) -> tuple[str, str, int]:
+    """Run ``cmd`` in its own session (a hang kills torchrun and both workers); its outputs."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -174,8 +170,29 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
         pytest.fail(f"torchrun timed out:\n{stderr[-6000:]}")
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun failed ({proc.returncode}):\n{stdout[-3000:]}\n{stderr[-6000:]}")
+    return stdout, stderr, proc.returncode
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    root = str(Path(__file__).resolve().parents[2])  # this checkout's code, not the installed one
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    for attempt in (1, 2):
+        out = tmp_path_factory.mktemp("two_ranks")  # a fresh folder: no checkpoint of attempt 1
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               __file__, str(out)]
+        stdout, stderr, code = _torchrun(cmd, env)
+        # A worker can abort with "terminate called without an active exception" (SIGABRT: a
+        # native std::thread destroyed while joinable, in torch / gloo, not in our Python code);
+        # seen once in about a dozen runs on a loaded 2-core machine, after the checkpoint
+        # fallback of step 4. Run it once more then; any other failure, or the same abort
+        # twice, fails the test with the logs.
+        if code == 0 or attempt == 2 or _TEARDOWN_ABORT not in stderr:
+            break
+        warnings.warn(f"torchrun worker aborted in teardown; rerunning once:\n{stderr[-2000:]}",
+                      stacklevel=1)
+    if code != 0:
+        pytest.fail(f"torchrun failed ({code}):\n{stdout[-3000:]}\n{stderr[-6000:]}")
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
