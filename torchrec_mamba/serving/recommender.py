@@ -30,6 +30,7 @@ from torchrec_mamba.serving.vocab import (
     read_item_categories,
     read_vocab_csv,
 )
+from torchrec_mamba.train.config import MODEL_FILE
 
 if TYPE_CHECKING:
     from torchrec_mamba.models.recommender import SequentialRecommender
@@ -38,9 +39,6 @@ if TYPE_CHECKING:
 __all__ = ["MODEL_FILE", "Recommender"]
 
 logger = logging.getLogger(__name__)
-
-MODEL_FILE = "model.pt"  # = torchrec_mamba.train.config.MODEL_FILE (not imported: config is lazy)
-
 
 def _read_run(run_dir: Path) -> tuple[RunConfig, DataInfo, dict[str, Tensor]]:
     """The run's config, data facts and weights; a missing or corrupt file names itself."""
