@@ -121,8 +121,9 @@ class RunConfig:
     embedding_weight_decay: float = _opt(0.0, "L2 weight decay of the embedding tables (the "
                                          "table optimizer's weight_decay; 0: none)", "train")
     ema_decay: float = _opt(0.999, "validate, select and save an exponential moving average of "
-                            "the weights, updated after every step with this decay (0: the live "
-                            "weights; 0.999 was chosen on Beauty's validation split)", "train")
+                            "the weights, updated after every step n with the decay "
+                            "min(--ema-decay, (1 + n) / (10 + n)) (0: the live weights; 0.999 was "
+                            "chosen on Beauty's validation split)", "train")
     head_dtype: str = _opt("auto", "dtype of the training softmax product (auto: bfloat16 where "
                            "the device has native bf16 GEMMs, i.e. CUDA with bf16 or a CPU with "
                            "AVX512-BF16/AMX, else float32; bfloat16 is several times faster "
