@@ -104,7 +104,6 @@ def config_mismatch(recorded: dict[str, Any], expected: dict[str, Any]) -> list[
     """
     from torchrec_mamba.train.config import RunConfig
 
-    # what a run recorded before the field existed did; its default has changed since
     defaults = {**RunConfig().to_dict(), **_LEGACY_DEFAULTS}
     out = []
     for k, v in sorted(expected.items()):

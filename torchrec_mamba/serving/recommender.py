@@ -40,6 +40,7 @@ __all__ = ["MODEL_FILE", "Recommender"]
 
 logger = logging.getLogger(__name__)
 
+
 def _read_run(run_dir: Path) -> tuple[RunConfig, DataInfo, dict[str, Tensor]]:
     """The run's config, data facts and weights; a missing or corrupt file names itself."""
     from torchrec_mamba.train.config import DATA_INFO, RUN_CONFIG, DataInfo, RunConfig
